@@ -1,0 +1,253 @@
+"""Configuration: defaults for every field, big_vision-style config arguments, one validate().
+
+A config file in `configs/` defines `get_config(arg=None)`; `arg` is the text after the colon
+in `--config=configs/apollo_2b.py:routing=topk,moe_layers=last:4`. Fields are then overridden
+on the command line with `--config.optim.lr=3e-4`.
+"""
+
+import math
+
+import ml_collections
+
+from apollo_jax import languages
+
+ROUTING_MODES = ("hybrid", "topk", "language")
+PACKING_MODES = ("segment", "causal")
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16", "float16")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 42                        # params init, dropout-free training RNG (SPEC §6.2: 42)
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 151936
+  m.hidden_size = 896
+  m.intermediate_size = 4864         # every expert is a full FFN of this width (SPEC §2.4)
+  m.num_layers = 24
+  m.num_heads = 14
+  m.num_kv_heads = 2
+  m.head_dim = 0                     # 0: hidden_size // num_heads
+  m.rope_theta = 1e6
+  m.rms_norm_eps = 1e-6
+  m.tie_embeddings = True
+  m.init_std = 0.02                  # N(0, init_std) for every kernel, as HF initializer_range
+  m.dtype = "float32"                # compute dtype ("bfloat16" on TPU/GPU); params stay float32
+  m.remat = "none"                   # none | full | dots (save matmul outputs) per decoder layer
+  m.scan_layers = True               # scan each run of consecutive dense layers (fast compiles)
+
+  c.moe = e = ml_collections.ConfigDict()
+  e.layers = "last:2"                # "last:N" | "all" | "none" (dense) | "3,7" explicit list
+  e.num_experts = 7                  # real experts; language routing needs the map's size
+  e.expert_map = "family7"           # family7 | major12 | lang50 (languages.EXPERT_MAPS)
+  e.routing = "hybrid"               # hybrid (Hybrid-k) | topk | language
+  e.top_k = 2
+  e.norm_topk_prob = False           # released models: weights are raw softmax probs
+  e.shared_expert = False            # always-on sigmoid-gated shared FFN (language-routing baseline)
+  # Capacity per expert and group: C = max(min_capacity, ceil(capacity_factor * group_size * top_k / E)).
+  # capacity_factor <= 0 means "no drop": C = group_size (every assignment fits).
+  e.capacity_factor = 2.0            # training
+  e.eval_capacity_factor = 0.0       # evaluation / generation: 0 = never drop (exact top-k, HF parity)
+  e.min_capacity = 4
+  e.group_size = 1024                # tokens per routing group; dispatch tensors are [G, S, E, C]
+  e.expert_multiple = 0              # pad E to a multiple of this (0: the mesh's expert axis size)
+  e.aux_loss_weight = 0.0            # Switch load-balancing loss coefficient (paper: 0)
+  e.z_loss_weight = 0.0              # router z-loss coefficient (paper: 0)
+  e.router_init_std = 0.02           # N(0, 0.02), as HF / upcycling (SPEC §2.5)
+  e.analysis = False                 # also sow each token's chosen experts
+
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1))  # one -1 = fill
+
+  c.data = d = ml_collections.ConfigDict()
+  d.train_files = "data/sample/apollo_moe_sample.json"   # path, glob or comma-separated list
+  d.eval_files = ""                  # "" : hold out eval_fraction of train_files
+  d.eval_fraction = 0.05
+  d.tokenizer = "data/sample/tokenizer.model"            # sentencepiece .model or HF tokenizer.json
+  d.seq_len = 4096
+  d.packing = "segment"              # segment: no attention across packed samples; causal: original
+  d.order_seed = 3407                # priority-weighted ordering (SPEC §5.4)
+  d.priorities = ""                  # "" : SPEC §5.4 defaults; else "key_prefix=prio:repeat,..."
+  d.skip_bad_records = False
+  d.num_workers = 0                  # grain worker processes
+  d.cache_dir = ""                   # "" : <workdir>/data_cache
+
+  # Training loop (top level: the names users type most, e.g. --config.steps=200).
+  c.global_batch = 32                # packed rows per optimizer step (over all devices)
+  c.grad_accum = 1                   # micro-batches per optimizer step
+  c.steps = 1000                     # optimizer steps
+  c.eval_every = 100                 # eval loss on the held-out split every N steps (0: never)
+  c.eval_batches = 4
+  c.log_every = 10
+  c.init_from = ""                   # Orbax params dir from convert_from_hf (optionally upcycled)
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.lr = 1e-4                        # Apollo-MoE-0.5B (SPEC §6.1)
+  o.warmup_ratio = 0.03
+  o.horizon = 1.35                   # cosine spans horizon * steps: final lr ~0.17 peak (SPEC §6.2)
+  o.weight_decay = 0.1               # biases excluded, norms decayed (as the original)
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.clip = 1.0
+
+  c.ckpt = k = ml_collections.ConfigDict()
+  k.every = 500
+  k.keep = 3
+  k.async_save = True
+
+  c.wandb = w = ml_collections.ConfigDict()
+  w.enabled = False
+  w.project = "apollo_jax"
+  w.name = ""
+  return c
+
+
+def parse_arg(arg, **defaults):
+  """'routing=topk,moe_layers=last:4,runlocal' -> dict over `defaults` (types follow defaults)."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, val = item.partition("=")
+    if key not in out:
+      raise ValueError(f"unknown config argument {key!r}; known: {', '.join(sorted(out))}")
+    default = out[key]
+    if not eq:
+      val = True
+    elif isinstance(default, bool):
+      val = val.lower() in ("1", "true", "yes")
+    elif isinstance(default, int):
+      val = int(val)
+    elif isinstance(default, float):
+      val = float(val)
+    out[key] = val
+  return out
+
+
+def apply_moe_args(config, args):
+  """Common ablation arguments: routing, moe_layers, expert_map (num_experts follows the map)."""
+  config.moe.routing = args["routing"]
+  config.moe.layers = args["moe_layers"].replace(";", ",")
+  config.moe.expert_map = args["expert_map"]
+  config.moe.num_experts = languages.NUM_EXPERTS[args["expert_map"]]
+  if args["routing"] == "language":      # language-specific baseline: top-1 + shared (SPEC §3.3)
+    config.moe.top_k = 1
+    config.moe.shared_expert = True
+  return config
+
+
+MOE_ARGS = dict(routing="hybrid", moe_layers="last:2", expert_map="family7")
+
+
+def moe_layer_indices(layers, num_layers):
+  """Parse `moe.layers` into a sorted tuple of MoE decoder-layer indices."""
+  spec = str(layers).strip()
+  if spec == "none":
+    return ()
+  if spec == "all":
+    return tuple(range(num_layers))
+  if spec.startswith("last:"):
+    n = int(spec[5:])
+    if not 0 <= n <= num_layers:
+      raise ValueError(f"moe.layers={spec!r}: N must be in [0, {num_layers}]")
+    return tuple(range(num_layers - n, num_layers))
+  try:
+    idx = sorted({int(x) for x in spec.replace(";", ",").split(",") if x.strip()})
+  except ValueError:
+    raise ValueError(f"moe.layers={spec!r}: expected 'last:N', 'all', 'none' or a list like '22,23'") from None
+  if idx and not (0 <= idx[0] and idx[-1] < num_layers):
+    raise ValueError(f"moe.layers={spec!r}: indices must be in [0, {num_layers})")
+  return tuple(idx)
+
+
+def expert_multiple(config) -> int:
+  m = config.moe.expert_multiple
+  return m if m > 0 else max(1, config.mesh.expert)
+
+
+def padded_num_experts(config) -> int:
+  """E rounded up to a multiple of `moe.expert_multiple` (padded experts are never routed to)."""
+  m = expert_multiple(config)
+  return -(-config.moe.num_experts // m) * m
+
+
+def capacity(tokens_per_group: int, num_experts: int, top_k: int, capacity_factor: float,
+             min_capacity: int) -> int:
+  """Slots per expert per group: max(min_capacity, ceil(cf * S * k / E)), at most S; cf<=0: S."""
+  if capacity_factor <= 0:
+    return tokens_per_group
+  c = max(min_capacity, math.ceil(capacity_factor * tokens_per_group * top_k / num_experts))
+  return min(c, tokens_per_group)
+
+
+def mesh_shape(config, num_devices: int) -> dict:
+  """Mesh axis sizes with the one -1 filled; a clear error when it does not fit the devices."""
+  sizes = {a: int(config.mesh[a]) for a in MESH_AXES}
+  fills = [a for a, s in sizes.items() if s == -1]
+  bad = [a for a, s in sizes.items() if s == 0 or s < -1]
+  if bad or len(fills) > 1:
+    raise ValueError(f"mesh {sizes}: every axis must be a positive size, with at most one -1 (fill)")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if fills:
+    if num_devices % fixed:
+      raise ValueError(f"mesh {sizes} does not fit {num_devices} devices: the fixed axes multiply to "
+                       f"{fixed}, which does not divide {num_devices}. Change config.mesh.")
+    sizes[fills[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ValueError(f"mesh {sizes} has {fixed} devices but {num_devices} are available; "
+                     f"set one axis to -1 or make the sizes multiply to {num_devices}.")
+  return sizes
+
+
+def validate(config, num_devices: int | None = None):
+  """Fail early, with a message that says what to change. Returns the config."""
+  m, e = config.model, config.moe
+
+  def need(cond, msg):
+    if not cond:
+      raise ValueError(f"invalid config: {msg}")
+
+  need(m.num_heads % m.num_kv_heads == 0,
+       f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}")
+  need(m.head_dim > 0 or m.hidden_size % m.num_heads == 0,
+       f"model.hidden_size={m.hidden_size} is not divisible by num_heads={m.num_heads}; set model.head_dim")
+  need(m.dtype in DTYPES, f"model.dtype={m.dtype!r}; choose one of {DTYPES}")
+  need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}; choose one of {REMAT_POLICIES}")
+  moe_idx = moe_layer_indices(e.layers, m.num_layers)
+  need(e.routing in ROUTING_MODES, f"moe.routing={e.routing!r}; choose one of {ROUTING_MODES}")
+  need(e.expert_map in languages.EXPERT_MAPS,
+       f"moe.expert_map={e.expert_map!r}; choose one of {languages.EXPERT_MAPS}")
+  if moe_idx:
+    need(e.num_experts >= 1, "moe.num_experts must be >= 1")
+    need(1 <= e.top_k <= e.num_experts, f"moe.top_k={e.top_k} must be in [1, num_experts={e.num_experts}]")
+    if e.routing in ("hybrid", "language"):
+      n = languages.NUM_EXPERTS[e.expert_map]
+      need(e.num_experts == n, f"moe.routing={e.routing!r} with expert_map={e.expert_map!r} needs "
+                               f"moe.num_experts={n} (one expert per map entry), got {e.num_experts}")
+    need(e.group_size >= 1, "moe.group_size must be >= 1")
+    need(e.min_capacity >= 1, "moe.min_capacity must be >= 1")
+  need(config.data.packing in PACKING_MODES,
+       f"data.packing={config.data.packing!r}; choose one of {PACKING_MODES}")
+  t = config
+  need(t.grad_accum >= 1 and t.global_batch % t.grad_accum == 0,
+       f"global_batch={t.global_batch} must be divisible by grad_accum={t.grad_accum}")
+  need(t.steps >= 1, "steps must be >= 1")
+  need(0 <= config.optim.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)")
+  need(config.optim.horizon >= 1, "optim.horizon must be >= 1 (the schedule spans horizon * steps)")
+  if num_devices is not None:
+    sizes = mesh_shape(config, num_devices)
+    if config.mesh.expert != -1 or e.expert_multiple > 0:
+      padded = padded_num_experts(config)
+      need(padded % sizes["expert"] == 0 or not moe_idx,
+           f"mesh expert axis {sizes['expert']} does not divide the {padded} padded experts; set "
+           f"moe.expert_multiple to a multiple of {sizes['expert']} or change mesh.expert")
+    else:
+      need(not moe_idx, "mesh.expert=-1 with MoE layers: give mesh.expert a size (or set moe.expert_multiple)")
+    batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    micro = t.global_batch // t.grad_accum
+    need(micro % batch_shards == 0,
+         f"micro-batch {micro} rows (global_batch / grad_accum) must be divisible by "
+         f"data*fsdp*expert = {batch_shards} mesh devices")
+    need(m.num_kv_heads % sizes["tensor"] == 0 or sizes["tensor"] == 1,
+         f"mesh tensor axis {sizes['tensor']} must divide model.num_kv_heads={m.num_kv_heads}")
+  return config

@@ -1,0 +1,23 @@
+"""Apollo-MoE on Qwen2-1.5B (the "2B" model): 7 family experts in the last 2 of 28 layers.
+
+2,039,187,968 parameters, 1,626,311,168 active per token (SPEC §2.7). The learning rate of the
+released 1.5B run is not published; 1e-4 follows the 0.5B recipe (SPEC §6.1).
+Arguments: routing=hybrid|topk|language, moe_layers=last:N|all|none|i;j, expert_map=family7|major12|lang50.
+"""
+
+from apollo_jax import config as cfg
+
+
+def get_config(arg=None):
+  args = cfg.parse_arg(arg, **cfg.MOE_ARGS)
+  c = cfg.base_config()
+  m = c.model
+  m.vocab_size, m.hidden_size, m.intermediate_size = 151936, 1536, 8960
+  m.num_layers, m.num_heads, m.num_kv_heads = 28, 12, 2
+  m.tie_embeddings = True
+  m.dtype = "bfloat16"
+  m.remat = "full"
+  cfg.apply_moe_args(c, args)
+  c.data.tokenizer = "qwen2/tokenizer.json"
+  c.optim.lr = 1e-4
+  return c
