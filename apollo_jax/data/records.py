@@ -1,0 +1,203 @@
+"""Readers and validation for the upstream JSON formats (SPEC §5.1, §7.1).
+
+ApolloMoEDataset comes in two forms, detected from the top-level JSON type:
+  list form:      [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}, ...],
+                    "source": "medicalBook_en_qa", "class": "major"}, ...]
+  extracted form: {"medicalBook_en_qa": [[q, a, q2, a2, ...], ...], "general_ckb": [...], ...}
+Both become `Sample(source, language, turns, where)` (turns alternate user/assistant; the language
+index comes from the source key, SPEC §4.5). ApolloMoEBench is a list of
+{"question", "options", "answer", "source", ["context", "class"]}.
+
+Bad input never passes silently: every problem raises a ValueError naming the file and the
+record, or, with skip_bad=True, is collected in a `BadRecords` tally (count + first reasons).
+"""
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+
+from apollo_jax import languages
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  source: str
+  language: int            # index into languages.CODES
+  turns: tuple             # (user, assistant, user, assistant, ...) strings
+  where: str = ""          # "file: record i (source ...)" for messages
+
+
+@dataclasses.dataclass
+class BadRecords:
+  """Tally of skipped records (skip_bad=True); keeps the first few reasons for the log."""
+  count: int = 0
+  reasons: list = dataclasses.field(default_factory=list)
+  keep: int = 5
+
+  def add(self, reason: str):
+    self.count += 1
+    if len(self.reasons) < self.keep:
+      self.reasons.append(reason)
+
+  def log(self, what="records"):
+    if self.count:
+      logging.warning("skipped %d bad %s (data.skip_bad_records=True); first reasons:\n  %s",
+                      self.count, what, "\n  ".join(self.reasons))
+
+
+class BadRecord(ValueError):
+  pass
+
+
+def expand_files(spec: str) -> list:
+  """`data.train_files`: a path, a glob or a comma-separated list of those -> sorted unique paths."""
+  out = []
+  for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
+    matches = sorted(glob.glob(os.path.expanduser(part)))
+    if not matches:
+      raise FileNotFoundError(f"data file pattern {part!r} (from {spec!r}) matches no file")
+    out.extend(m for m in matches if m not in out)
+  if not out:
+    raise FileNotFoundError(f"no data files given (got {spec!r}); set data.train_files")
+  return out
+
+
+def load_json(path: str):
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _check_turns(turns, where):
+  if not isinstance(turns, list):
+    raise BadRecord(f"{where}: conversation must be a list, got {type(turns).__name__}")
+  if not turns:
+    raise BadRecord(f"{where}: empty conversation")
+  if len(turns) % 2:
+    raise BadRecord(f"{where}: odd number of turns ({len(turns)}); turns must alternate user, "
+                    "assistant and end with an assistant answer")
+  for j, t in enumerate(turns):
+    if not isinstance(t, str):
+      raise BadRecord(f"{where}: turn {j} value must be a string, got {type(t).__name__}")
+  return tuple(turns)
+
+
+def _language(source, where):
+  if not isinstance(source, str):
+    raise BadRecord(f"{where}: 'source' must be a string, got {type(source).__name__}")
+  try:
+    return languages.index(languages.language_of_source(source))
+  except ValueError as e:
+    raise BadRecord(f"{where}: {e}") from None
+
+
+def _list_record(item, where):
+  if not isinstance(item, dict):
+    raise BadRecord(f"{where}: expected an object with 'conversations' and 'source', "
+                    f"got {type(item).__name__}")
+  for key in ("conversations", "source"):
+    if key not in item:
+      raise BadRecord(f"{where}: missing field {key!r}")
+  lang = _language(item["source"], where)
+  conv = item["conversations"]
+  if not isinstance(conv, list):
+    raise BadRecord(f"{where}: 'conversations' must be a list, got {type(conv).__name__}")
+  values = []
+  for j, turn in enumerate(conv):
+    if not isinstance(turn, dict) or "value" not in turn:
+      raise BadRecord(f"{where}: turn {j} must be an object with a 'value' string")
+    values.append(turn["value"])
+  return Sample(item["source"], lang, _check_turns(values, where), where)
+
+
+def iter_dataset_file(path: str, bad: BadRecords | None = None):
+  """Yield the Samples of one ApolloMoEDataset file (either form), in file order.
+
+  bad=None: the first bad record raises ValueError; else bad records are skipped and tallied.
+  """
+  data = load_json(path)
+
+  def guarded(make, where):
+    try:
+      return make()
+    except BadRecord as e:
+      if bad is None:
+        raise
+      bad.add(str(e))
+      return None
+
+  if isinstance(data, list):
+    for i, item in enumerate(data):
+      src = item.get("source") if isinstance(item, dict) else None
+      where = f"{path}: record {i} (source {src!r})"
+      s = guarded(lambda: _list_record(item, where), where)
+      if s is not None:
+        yield s
+  elif isinstance(data, dict):
+    for source, items in data.items():
+      where0 = f"{path}: source {source!r}"
+      if not isinstance(items, list):
+        err = BadRecord(f"{where0}: value must be a list of conversations, got {type(items).__name__}")
+        if bad is None:
+          raise err
+        bad.add(str(err))
+        continue
+      for i, turns in enumerate(items):
+        where = f"{path}: record {i} (source {source!r})"
+        s = guarded(lambda: Sample(source, _language(source, where), _check_turns(turns, where), where),
+                    where)
+        if s is not None:
+          yield s
+  else:
+    raise ValueError(f"{path}: expected a JSON list (ApolloMoEDataset) or an object "
+                     f"{{source_key: [[turn, ...], ...]}} (extracted form), got {type(data).__name__}")
+
+
+def read_dataset(files, skip_bad: bool = False):
+  """All Samples of the files (expanded, in order) and the BadRecords tally."""
+  bad = BadRecords() if skip_bad else None
+  paths = expand_files(files) if isinstance(files, str) else list(files)
+  samples = [s for p in paths for s in iter_dataset_file(p, bad)]
+  bad = bad or BadRecords()
+  bad.log()
+  return samples, bad
+
+
+BENCH_FIELDS = ("question", "options", "answer", "source")
+
+
+def read_bench(files, skip_bad: bool = False):
+  """ApolloMoEBench records (dicts with str question/options/answer/source/context/class)."""
+  bad = BadRecords()
+  out = []
+  paths = expand_files(files) if isinstance(files, str) else list(files)
+  for path in paths:
+    data = load_json(path)
+    if not isinstance(data, list):
+      raise ValueError(f"{path}: ApolloMoEBench must be a JSON list of records, got {type(data).__name__}")
+    for i, item in enumerate(data):
+      src = item.get("source") if isinstance(item, dict) else None
+      where = f"{path}: record {i} (source {src!r})"
+      try:
+        if not isinstance(item, dict):
+          raise BadRecord(f"{where}: expected an object, got {type(item).__name__}")
+        for key in BENCH_FIELDS:
+          if key not in item:
+            raise BadRecord(f"{where}: missing field {key!r}")
+        for key in BENCH_FIELDS + ("context", "class"):
+          if key in item and not isinstance(item[key], str):
+            raise BadRecord(f"{where}: field {key!r} must be a string, got {type(item[key]).__name__}")
+      except BadRecord as e:
+        if not skip_bad:
+          raise
+        bad.add(str(e))
+        continue
+      out.append({k: item.get(k, "") for k in BENCH_FIELDS + ("context", "class")})
+  bad.log("benchmark records")
+  return out, bad
