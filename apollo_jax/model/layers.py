@@ -1,0 +1,112 @@
+"""Qwen2 building blocks: RMSNorm, rotary embedding, GQA attention with q/k/v bias, SwiGLU MLP.
+
+Everything computes exactly as HF `Qwen2ForCausalLM` (SPEC §2.1) so imported checkpoints give the
+same logits. Params are float32; activations run in `dtype` (the model's compute dtype); norm
+statistics and the attention softmax are float32. Kernels are [in, out] (HF Linear transposed).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def dtype_of(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def kernel_init(std: float, names):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def dense(features, names, std, dtype, use_bias=False, bias_names=None, name=None):
+  """nn.Dense with float32 params, N(0, std) kernel and zero bias, both logically named."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=kernel_init(std, names),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_names or (None,)),
+      name=name)
+
+
+class RMSNorm(nn.Module):
+  """x * rsqrt(mean(x^2) + eps) in float32, cast back to x's dtype, THEN times the scale (as HF)."""
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return y.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float):
+  """cos, sin [B, S, head_dim] (float32) for the rotate-half convention, from per-token positions."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq          # [B, S, hd/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+  """x [B, S, heads, hd]: x*cos + rotate_half(x)*sin, cos/sin cast to x's dtype (as HF)."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos = cos[:, :, None, :].astype(x.dtype)
+  sin = sin[:, :, None, :].astype(x.dtype)
+  return x * cos + rotated * sin
+
+
+def attention_mask(segment_ids):
+  """bool [B, 1, 1, S, S]: key s visible from query t iff s <= t and both are in the same segment."""
+  S = segment_ids.shape[1]
+  causal = jnp.tril(jnp.ones((S, S), bool))
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return (causal[None] & same)[:, None, None]
+
+
+class Attention(nn.Module):
+  """GQA self-attention: q/k/v projections with bias, o projection without, RoPE on q and k."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float
+  init_std: float
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, segment_ids, positions):
+    B, S, H = x.shape
+    nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+    proj = lambda n, names, name: dense(n * hd, ("embed", names), self.init_std, self.dtype,
+                                        use_bias=True, bias_names=(names,), name=name)
+    q = proj(nh, "heads", "q_proj")(x).reshape(B, S, nh, hd)
+    k = proj(nkv, "kv", "k_proj")(x).reshape(B, S, nkv, hd)
+    v = proj(nkv, "kv", "v_proj")(x).reshape(B, S, nkv, hd)
+    cos, sin = rope_cos_sin(positions, hd, self.rope_theta)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    # Query heads grouped by the kv head they share: [B, S, nkv, rep, hd] (no k/v repetition).
+    q = q.reshape(B, S, nkv, nh // nkv, hd)
+    scores = jnp.einsum("BTKRD,BSKD->BKRTS", q, k).astype(jnp.float32) * (hd ** -0.5)
+    scores = jnp.where(attention_mask(segment_ids), scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    out = jnp.einsum("BKRTS,BSKD->BTKRD", probs, v).reshape(B, S, nh * hd)
+    return dense(H, ("heads", "embed"), self.init_std, self.dtype, name="o_proj")(out)
+
+
+class MLP(nn.Module):
+  """SwiGLU without biases: down(silu(gate(x)) * up(x))."""
+  intermediate_size: int
+  init_std: float
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    I, std = self.intermediate_size, self.init_std
+    g = dense(I, ("embed", "mlp"), std, self.dtype, name="gate_proj")(x)
+    u = dense(I, ("embed", "mlp"), std, self.dtype, name="up_proj")(x)
+    return dense(x.shape[-1], ("mlp", "embed"), std, self.dtype, name="down_proj")(nn.silu(g) * u)

@@ -1,0 +1,138 @@
+"""Mixture-of-experts block: router, capacity-based dispatch/combine, stacked SwiGLU experts.
+
+Einsum letters (used everywhere in this file):
+  B batch rows, S tokens per group, G groups, E experts (padded), C capacity slots per expert
+  and group, M model (hidden) size, H expert hidden (intermediate) size, K top-k slots.
+
+Tokens [B, S_row] are flattened and split into G groups of S tokens (`group_shape`); groups may
+span rows, so one group mixes languages. Per group every assignment gets a slot in its expert's
+buffer of C slots (routing.capacity_positions: the token's own family expert first, then first
+choices, then second choices; earlier tokens first); assignments past C are dropped (they add
+zero; the residual carries the token). Dispatch/combine tensors are [G, S, E, C], so memory grows
+with S^2 per group and never with (B*S_row)^2. Padding tokens (segment id 0) are not routed.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from apollo_jax import config as cfg
+from apollo_jax.model import layers, routing
+
+
+def group_shape(B: int, S: int, group_size: int):
+  """(G, g): the largest g <= group_size such that g divides S, or g is a multiple of S that
+  divides B*S (groups of whole rows). g = 1 always qualifies, so this never fails."""
+  best = 1
+  for g in range(1, min(S, group_size) + 1):
+    if S % g == 0:
+      best = g
+  for m in range(1, B + 1):
+    if B % m == 0 and m * S <= group_size:
+      best = max(best, m * S)
+  return (B * S) // best, best
+
+
+def routing_mode(routing_cfg: str, train: bool) -> str:
+  """The routing rule of this call: Hybrid-k forces the family expert only in training."""
+  if routing_cfg == "language":
+    return "language"
+  if routing_cfg == "hybrid" and train:
+    return "hybrid"
+  return "topk"
+
+
+def _expert_init(std: float, num_real: int):
+  """N(0, std) for real experts; padded experts (never routed to) are zero."""
+  def init(key, shape, dtype=jnp.float32):
+    w = jax.random.normal(key, shape, dtype) * std
+    return w * (jnp.arange(shape[0]) < num_real)[:, None, None].astype(dtype)
+  return init
+
+
+class Experts(nn.Module):
+  """E stacked SwiGLU experts applied to their dispatched tokens [E, G, C, M] in one einsum each.
+
+  The constraints move the sharding from the groups to the experts: under an expert mesh axis
+  this is where GSPMD inserts the all-to-all (and the reverse one on the way out).
+  """
+  num_experts: int      # padded
+  num_real: int
+  intermediate_size: int
+  init_std: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_EGCM):
+    E, M, I = self.num_experts, x_EGCM.shape[-1], self.intermediate_size
+    act = ("act_exp", "act_group", None, "act_embed")
+    x_EGCM = nn.with_logical_constraint(x_EGCM, act)
+    w = lambda name, shape, names: self.param(name, nn.with_logical_partitioning(
+        _expert_init(self.init_std, self.num_real), names), shape, jnp.float32).astype(self.dtype)
+    wg = w("gate_proj", (E, M, I), ("exp", "embed", "mlp"))
+    wu = w("up_proj", (E, M, I), ("exp", "embed", "mlp"))
+    wd = w("down_proj", (E, I, M), ("exp", "mlp", "embed"))
+    h_EGCH = (nn.silu(jnp.einsum("EGCM,EMH->EGCH", x_EGCM, wg))
+              * jnp.einsum("EGCM,EMH->EGCH", x_EGCM, wu))
+    return nn.with_logical_constraint(jnp.einsum("EGCH,EHM->EGCM", h_EGCH, wd), act)
+
+
+class MoEBlock(nn.Module):
+  """Replaces the MLP in an MoE decoder layer. Returns (y [B,S,M], stats dict of fp32 arrays)."""
+  config: Any          # the full config; reads config.model and config.moe only
+
+  @nn.compact
+  def __call__(self, x, segment_ids, family=None, train: bool = False):
+    m, e = self.config.model, self.config.moe
+    dtype = layers.dtype_of(m.dtype)
+    E_real, E, K, I = e.num_experts, cfg.padded_num_experts(self.config), e.top_k, m.intermediate_size
+    B, S_row, M = x.shape
+    G, S = group_shape(B, S_row, e.group_size)
+    mode = routing_mode(e.routing, train)
+
+    x_GSM = nn.with_logical_constraint(x.reshape(G, S, M), ("act_batch", None, "act_embed"))
+    token_mask = (segment_ids != 0).reshape(G, S)
+    fam = None if family is None else family.reshape(G, S)
+    if fam is None and mode != "topk":
+      fam = jnp.full((G, S), -1, jnp.int32)     # only reached at init: route by plain top-k
+
+    # Router in float32 over the real experts; padded experts get logit -inf (probability 0).
+    logits = nn.Dense(E_real, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
+                      kernel_init=layers.kernel_init(e.router_init_std, ("embed", None)),
+                      name="gate")(x_GSM.astype(jnp.float32))                       # [G,S,E_real]
+    probs = routing.router_probs(logits, E)
+    idx, weights, valid, is_family = routing.route(
+        probs, K, mode, fam, e.norm_topk_prob, num_real=E_real)
+    valid = valid & token_mask[..., None]
+
+    cf = e.capacity_factor if train else e.eval_capacity_factor
+    C = cfg.capacity(S, E_real, K, cf, e.min_capacity)
+    pos = routing.capacity_positions(idx, valid, routing.priority_levels(is_family), E)
+    keep = valid & (pos < C)
+    dispatch, combine = routing.dispatch_combine(idx, weights, keep, pos, E, C)
+
+    # Dispatch -> experts as one batched einsum over [E, G, C, M] -> weighted combine.
+    x_EGCM = jnp.einsum("GSEC,GSM->EGCM", dispatch.astype(dtype), x_GSM)
+    y_EGCM = Experts(E, E_real, I, m.init_std, dtype, name="experts")(x_EGCM)
+    y_GSM = jnp.einsum("GSEC,EGCM->GSM", combine.astype(dtype), y_EGCM)
+    y = y_GSM.reshape(B, S_row, M)
+
+    if e.shared_expert:   # always-on FFN scaled by sigmoid(x @ w_s) (SPEC §2.4)
+      shared = layers.MLP(I, m.init_std, dtype, name="shared_expert")(x)
+      s_gate = layers.dense(1, ("embed", None), m.init_std, dtype, name="shared_expert_gate")(x)
+      y = y + nn.sigmoid(s_gate) * shared
+
+    n_valid = jnp.maximum(jnp.sum(valid), 1)
+    stats = {
+        "load": routing.expert_load(idx, valid, E_real),
+        "drop_fraction": jnp.sum(valid & ~keep) / n_valid,
+        "entropy": routing.router_entropy(probs, token_mask),
+        "aux_loss": routing.load_balancing_loss(
+            probs, routing.top_k(probs, K, E_real)[1], token_mask, E_real),
+        "z_loss": routing.z_loss(logits, token_mask),
+    }
+    if e.analysis:
+      stats["chosen_experts"] = jnp.where(valid, idx, -1).reshape(B, S_row, K)
+    return y, stats

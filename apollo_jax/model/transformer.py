@@ -1,0 +1,174 @@
+"""Apollo-MoE decoder: Qwen2 with Post-MoE layers (embedding, decoder blocks, final norm, LM head).
+
+Layer blocks (`layer_plan`): with model.scan_layers each maximal run of consecutive dense layers
+is one nn.scan block `layers_{start}` (params stacked on a leading 'layers' axis: fast compiles
+at 28 layers); every MoE layer is its own unrolled block `layers_{i}`, so its routing stats are
+sown per layer into the "moe" collection and the param tree maps 1:1 to HF names.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from apollo_jax import config as cfg
+from apollo_jax import languages
+from apollo_jax.model import layers
+from apollo_jax.model.moe import MoEBlock
+
+ACT = ("act_batch", "act_length", "act_embed")
+
+
+def layer_plan(config):
+  """Layer blocks in order: dicts {"name", "kind": "dense"|"moe", "start", "count", "stacked"}."""
+  n = config.model.num_layers
+  moe = set(cfg.moe_layer_indices(config.moe.layers, n))
+  plan, i = [], 0
+  while i < n:
+    if i in moe or not config.model.scan_layers:
+      kind = "moe" if i in moe else "dense"
+      plan.append(dict(name=f"layers_{i}", kind=kind, start=i, count=1, stacked=False))
+      i += 1
+      continue
+    j = i
+    while j < n and j not in moe:
+      j += 1
+    plan.append(dict(name=f"layers_{i}", kind="dense", start=i, count=j - i, stacked=True))
+    i = j
+  return plan
+
+
+def _head_dim(m):
+  return m.head_dim if m.head_dim > 0 else m.hidden_size // m.num_heads
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm residual block: x + Attn(norm(x)), then x + MLP-or-MoE(norm(x))."""
+  config: Any
+  moe: bool = False
+  train: bool = False
+  scanned: bool = False     # nn.scan body: return (carry, None)
+
+  @nn.compact
+  def __call__(self, x, segment_ids, positions, family=None):
+    m = self.config.model
+    dtype = layers.dtype_of(m.dtype)
+    h = layers.RMSNorm(m.rms_norm_eps, name="input_layernorm")(x)
+    x = x + layers.Attention(m.num_heads, m.num_kv_heads, _head_dim(m), m.rope_theta, m.init_std,
+                             dtype, name="self_attn")(h, segment_ids, positions)
+    h = layers.RMSNorm(m.rms_norm_eps, name="post_attention_layernorm")(x)
+    if self.moe:
+      y, stats = MoEBlock(self.config, name="mlp")(h, segment_ids, family, self.train)
+      if not self.is_initializing():      # init returns params only
+        for key, value in stats.items():  # sown here: state["moe"]["layers_i"][key]
+          self.sow("moe", key, value)
+    else:
+      y = layers.MLP(m.intermediate_size, m.init_std, dtype, name="mlp")(h)
+    x = nn.with_logical_constraint(x + y, ACT)
+    return (x, None) if self.scanned else x
+
+
+def _remat(cls, policy: str, scanned: bool):
+  if policy == "none":
+    return cls
+  # full: keep only the layer inputs; dots: also keep projection matmul outputs (no batch dims,
+  # i.e. not the attention scores), trading memory for less recompute.
+  pol = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return nn.remat(cls, policy=pol, prevent_cse=not scanned)
+
+
+class Transformer(nn.Module):
+  config: Any
+
+  @nn.compact
+  def __call__(self, input_ids, language_ids=None, segment_ids=None, positions=None,
+               train: bool = False):
+    m, e = self.config.model, self.config.moe
+    dtype = layers.dtype_of(m.dtype)
+    B, S = input_ids.shape
+    plan = layer_plan(self.config)
+    if segment_ids is None:
+      segment_ids = jnp.ones((B, S), jnp.int32)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    family = self._family(language_ids, train, any(p["kind"] == "moe" for p in plan))
+
+    embed = nn.Embed(m.vocab_size, m.hidden_size, param_dtype=jnp.float32, dtype=dtype,
+                     embedding_init=layers.kernel_init(m.init_std, ("vocab", "embed")),
+                     name="embed_tokens")
+    x = nn.with_logical_constraint(embed(input_ids).astype(dtype), ACT)
+
+    for p in plan:
+      if p["stacked"]:
+        body = nn.scan(_remat(DecoderLayer, m.remat, True), variable_axes={"params": 0},
+                       split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
+                       length=p["count"], metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = body(self.config, scanned=True, name=p["name"])(x, segment_ids, positions)
+      else:
+        moe = p["kind"] == "moe"
+        layer = _remat(DecoderLayer, m.remat, False)(self.config, moe=moe, train=train,
+                                                     name=p["name"])
+        x = layer(x, segment_ids, positions, family if moe else None)
+
+    x = layers.RMSNorm(m.rms_norm_eps, name="norm")(x)
+    if m.tie_embeddings:
+      logits = jnp.einsum("BSM,VM->BSV", x, embed.embedding.astype(dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = layers.dense(m.vocab_size, ("embed", "vocab"), m.init_std, dtype,
+                            name="lm_head")(x)
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+
+  def _family(self, language_ids, train, has_moe):
+    """Per-token expert ids from language indices (constant table), with clear errors."""
+    e = self.config.moe
+    if language_ids is None:
+      if has_moe and not self.is_initializing():
+        if e.routing == "language":
+          raise ValueError("moe.routing='language' routes every token by its language, so "
+                           "language_ids [B, S] (language indices 0..49) are required, also at "
+                           "inference; pass language_ids=... to apply().")
+        if e.routing == "hybrid" and train:
+          raise ValueError("moe.routing='hybrid' with train=True forces each token's language-family "
+                           "expert, so language_ids [B, S] are required; pass language_ids=... "
+                           "(inference with train=False needs none).")
+      return None
+    table = jnp.asarray(languages.expert_map(e.expert_map))
+    return table[language_ids]
+
+
+def build_model(config) -> nn.Module:
+  """The flax module of `config` (reads only config.model and config.moe)."""
+  return Transformer(config)
+
+
+def _layer_index(name: str) -> int:
+  return int(name.rsplit("_", 1)[1])
+
+
+def moe_aux_loss(moe_state, config):
+  """sum over MoE layers (and sown calls) of aux_loss_weight*aux_loss + z_loss_weight*z_loss."""
+  e = config.moe
+  total = jnp.float32(0.0)
+  for stats in (moe_state or {}).values():
+    if e.aux_loss_weight:
+      total = total + e.aux_loss_weight * sum(stats["aux_loss"])
+    if e.z_loss_weight:
+      total = total + e.z_loss_weight * sum(stats["z_loss"])
+  return total
+
+
+METRIC_KEYS = ("load", "drop_fraction", "entropy", "aux_loss", "z_loss")
+
+
+def moe_metrics(moe_state):
+  """Flat dict {"moe/layer_{i}/{load|drop_fraction|entropy|aux_loss|z_loss}": array} (mean over
+  the sown calls of a layer)."""
+  out = {}
+  for name in sorted(moe_state or {}, key=_layer_index):
+    for key in METRIC_KEYS:
+      values = moe_state[name].get(key)
+      if values:
+        out[f"moe/layer_{_layer_index(name)}/{key}"] = sum(values) / len(values)
+  return out
