@@ -1,0 +1,62 @@
+"""HF checkpoint dir -> Orbax params dir for `--config.init_from`, optionally upcycled to Post-MoE.
+
+  python -m apollo_jax.convert_from_hf --hf_dir=Qwen2-0.5B --out=ckpt/qwen2_0p5b
+  python -m apollo_jax.convert_from_hf --hf_dir=Qwen2-0.5B --out=ckpt/apollo_moe_0p5b_init \
+      --upcycle --config=configs/apollo_moe_0p5b.py:routing=hybrid
+
+The model shape always comes from the HF config.json; `--config` must agree with it (its dims
+are checked) and contributes the MoE settings (with --upcycle) and non-shape fields such as
+dtype. Writes OUT/params (Orbax) and OUT/model_config.json.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from apollo_jax import config as cfg
+from apollo_jax import hf
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("hf_dir", None, "HF checkpoint dir (config.json + safetensors).")
+flags.DEFINE_string("out", None, "Output dir (OUT/params, OUT/model_config.json).")
+flags.DEFINE_bool("upcycle", False, "Upcycle a dense checkpoint into --config's MoE layers.")
+config_flags.DEFINE_config_file("config", None, "Target config (required with --upcycle).",
+                                lock_config=True)
+
+
+def convert(hf_dir, out, config=None, upcycle=False):
+  """Returns (config, params) after writing them to `out`."""
+  import jax
+  src = hf.config_from_hf(hf.read_hf_config(hf_dir))
+  if config is not None:
+    hf.check_same_model(src, config, f"HF checkpoint {hf_dir}", "--config")
+  if upcycle:
+    if config is None:
+      raise ValueError("--upcycle needs --config=configs/<name>.py (it gives the MoE layout)")
+    if src.moe.layers != "none":
+      raise ValueError(f"--upcycle expects a dense checkpoint; {hf_dir} is already MoE "
+                       f"(layers {src.moe.layers}); convert it without --upcycle")
+    if cfg.moe_layer_indices(config.moe.layers, config.model.num_layers) == ():
+      raise ValueError("--upcycle with config.moe.layers='none': nothing to upcycle")
+    dense_cfg = hf.config_from_hf(hf.read_hf_config(hf_dir), base=config)
+    cfg.validate(config)
+    params = hf.params_from_hf(hf.load_hf_state(hf_dir), dense_cfg)
+    params = hf.upcycle(params, dense_cfg, config, jax.random.key(config.seed))
+    target = config
+  else:
+    target = hf.config_from_hf(hf.read_hf_config(hf_dir), base=config)
+    cfg.validate(target)
+    params = hf.params_from_hf(hf.load_hf_state(hf_dir), target)
+  hf.save_params(params, target, out)
+  logging.info("wrote %s (moe.layers=%s, experts=%d)", out, target.moe.layers, target.moe.num_experts)
+  return target, params
+
+
+def main(argv):
+  del argv
+  if not FLAGS.hf_dir or not FLAGS.out:
+    raise app.UsageError("--hf_dir and --out are required")
+  convert(FLAGS.hf_dir, FLAGS.out, FLAGS.config, FLAGS.upcycle)
+
+
+if __name__ == "__main__":
+  app.run(main)
