@@ -6,6 +6,8 @@ the MoE layers the expert axis is just more data parallelism. Parameters are FSD
 their `embed` dimension, MLP/attention heads/vocab on `tensor`, experts on `expert`.
 """
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -81,3 +83,10 @@ def check_divisible(abstract_params, shardings):
         raise ValueError(f"parameter {jax.tree_util.keystr(path)} {x.shape}: dimension {dim} is not "
                          f"divisible by mesh axes {axes} of size {n}; change config.mesh")
   jax.tree_util.tree_map_with_path(check, abstract_params, shardings)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh):
+  """Context for tracing/running the model on `mesh`: the mesh plus the logical-axis rules."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    yield

@@ -1,0 +1,124 @@
+"""Same logits and gradients on 1 device and on 8 simulated devices, for several mesh shapes.
+
+Includes expert axes 2, 4 and 8: the 7 family experts are padded to 8 (never routed to), the
+expert weights and the dispatched activations are sharded over `expert`.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from apollo_jax import config as cfg
+from apollo_jax import sharding
+from apollo_jax.model.transformer import build_model
+
+MESHES = [  # (data, fsdp, expert, tensor)
+    (2, 2, 2, 1),
+    (1, 1, 8, 1),
+    (1, 2, 4, 1),
+    (1, 8, 1, 1),
+    (2, 1, 2, 2),
+]
+
+
+def tiny_config():
+  c = cfg.load("tiny")
+  c.model.vocab_size = 256
+  c.moe.expert_multiple = 8          # same padded parameter shapes on every mesh
+  c.moe.group_size = 16              # several groups per row, so groups are split across devices
+  c.moe.capacity_factor = 1.0        # tight: some assignments are dropped, identically everywhere
+  return c
+
+
+def batch(rng, b=8, s=32, vocab=256):
+  k1, k2, k3 = jax.random.split(rng, 3)
+  ids = jax.random.randint(k1, (b, s), 0, vocab)
+  lang = jax.random.randint(k2, (b, 1), 0, 50) * jnp.ones((1, s), jnp.int32)
+  # two packed samples per row and a padded tail
+  seg = jnp.where(jnp.arange(s) < s // 2, 1, 2) * (jnp.arange(s) < s - 4)
+  seg = jnp.broadcast_to(seg, (b, s)).astype(jnp.int32)
+  pos = jnp.where(jnp.arange(s) < s // 2, jnp.arange(s), jnp.arange(s) - s // 2)
+  pos = jnp.broadcast_to(pos, (b, s)).astype(jnp.int32)
+  targets = jax.random.randint(k3, (b, s), 0, vocab)
+  return dict(input_ids=ids, language_ids=lang, segment_ids=seg, positions=pos, targets=targets)
+
+
+def run(config, mesh, params, b):
+  """Eval logits, and the train-mode loss and gradients, computed on `mesh`."""
+  module = build_model(config)
+  with sharding.activate(mesh):
+    abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), b["input_ids"]))
+    p_sh = sharding.param_shardings(abstract, mesh)["params"]
+    b_sh = sharding.batch_sharding(mesh)
+    params = jax.device_put(params, p_sh)
+    bb = jax.device_put(b, b_sh)
+
+    def loss_fn(p, bb):
+      logits, state = module.apply({"params": p}, bb["input_ids"], language_ids=bb["language_ids"],
+                                   segment_ids=bb["segment_ids"], positions=bb["positions"],
+                                   train=True, mutable=["moe"])
+      logp = jax.nn.log_softmax(logits)
+      nll = -jnp.take_along_axis(logp, bb["targets"][..., None], -1)[..., 0]
+      return jnp.mean(nll * (bb["segment_ids"] > 0)), state
+
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), in_shardings=(p_sh, b_sh))
+    (loss, state), grads = grad_fn(params, bb)
+    logits = jax.jit(lambda p, x: module.apply({"params": p}, x), in_shardings=(p_sh, b_sh))(
+        params, bb["input_ids"])
+    return (np.asarray(logits), float(loss), jax.tree.map(np.asarray, grads),
+            jax.tree.map(np.asarray, state["moe"]))
+
+
+@pytest.fixture(scope="module")
+def reference():
+  config = tiny_config()
+  module = build_model(config)
+  b = batch(jax.random.PRNGKey(1))
+  params = nn.meta.unbox(module.init(jax.random.PRNGKey(0), b["input_ids"]))["params"]
+  config.mesh.update(data=1, fsdp=1, expert=1, tensor=1)
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  return config, params, b, run(config, mesh, params, b)
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_same_logits_and_grads_on_8_devices(reference, shape):
+  config, params, b, (logits1, loss1, grads1, moe1) = reference
+  config = config.copy_and_resolve_references()
+  config.mesh.update(dict(zip(cfg.MESH_AXES, shape)))
+  cfg.validate(config, 8)
+  mesh = sharding.make_mesh(config)
+  assert dict(mesh.shape) == dict(zip(cfg.MESH_AXES, shape))
+  logits8, loss8, grads8, moe8 = run(config, mesh, params, b)
+  np.testing.assert_allclose(logits8, logits1, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  flat1 = jax.tree_util.tree_flatten_with_path(grads1)[0]
+  flat8 = jax.tree.leaves(grads8)
+  for (path, g1), g8 in zip(flat1, flat8):
+    scale = max(1e-6, float(np.abs(g1).max()))
+    np.testing.assert_allclose(g8 / scale, g1 / scale, atol=1e-4, err_msg=jax.tree_util.keystr(path))
+  for a, b8 in zip(jax.tree.leaves(moe1), jax.tree.leaves(moe8)):   # same routing decisions
+    np.testing.assert_allclose(a, b8, atol=1e-5)
+
+
+def test_some_assignments_were_dropped(reference):
+  """The comparison above covers the capacity-drop path, not only the no-drop one."""
+  moe = reference[3][3]
+  drops = [float(np.asarray(v)) for k, v in jax.tree_util.tree_flatten_with_path(moe)[0]
+           if "drop_fraction" in jax.tree_util.keystr(k)]
+  assert drops and max(drops) > 0
+
+
+def test_expert_params_are_sharded_on_expert_axis():
+  config = tiny_config()
+  config.mesh.update(data=1, fsdp=2, expert=4, tensor=1)
+  mesh = sharding.make_mesh(config)
+  module = build_model(config)
+  with sharding.activate(mesh):
+    abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((8, 16), jnp.int32)))
+    shardings = sharding.param_shardings(abstract, mesh)["params"]
+  flat = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+  expert_specs = [s for k, s in flat.items() if "experts" in k]
+  assert expert_specs and all(s[0] == "expert" for s in expert_specs)
+  assert all("fsdp" in tuple(s) for s in expert_specs)     # and FSDP-sharded on `embed`
