@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.eval_files = ""                  # "" : hold out eval_fraction of train_files
   d.eval_fraction = 0.05
   d.tokenizer = "data/sample/tokenizer.model"            # sentencepiece .model or HF tokenizer.json
+  d.eos_token = ""                   # tokenizer.json EOS when it has no <|endoftext|> (e.g. "<eos>")
   d.seq_len = 4096
   d.packing = "segment"              # segment: no attention across packed samples; causal: original
   d.order_seed = 3407                # priority-weighted ordering (SPEC §5.4)
@@ -81,6 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batches = 4
   c.log_every = 10
   c.init_from = ""                   # Orbax params dir from convert_from_hf (optionally upcycled)
+  c.peak_flops_per_device = 0.0      # MFU denominator; 0: table by device kind (metrics.PEAK_FLOPS)
+  c.debug_nan_at_step = 0            # test hook: update N gets a NaN loss (0: off)
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 1e-4                        # Apollo-MoE-0.5B (SPEC §6.1)
@@ -251,3 +254,18 @@ def validate(config, num_devices: int | None = None):
     need(m.num_kv_heads % sizes["tensor"] == 0 or sizes["tensor"] == 1,
          f"mesh tensor axis {sizes['tensor']} must divide model.num_kv_heads={m.num_kv_heads}")
   return config
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """'configs/tiny.py:routing=topk' (or 'tiny:routing=topk') -> get_config('routing=topk')."""
+  import importlib.util
+  import os
+  path, _, arg = spec.partition(":")
+  if not path.endswith(".py"):
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", path + ".py")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  mod_spec = importlib.util.spec_from_file_location("apollo_config", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  return mod.get_config(arg or None)

@@ -1,0 +1,153 @@
+"""Training metrics: MFU accounting, metrics.jsonl, a progress bar, optional wandb.
+
+MFU (MaxText convention; only "model FLOPs" count — capacity padding, dispatch/combine einsums,
+all-to-all and remat recomputation are overhead, not model FLOPs):
+
+  d_attn   = num_heads * head_dim
+  attn_p   = H*d_attn (q) + 2*H*num_kv_heads*head_dim (k, v) + d_attn*H (o)   per layer
+  dense_p  = 3*H*I                                                            per dense layer
+  moe_p    = top_k*3*H*I + H*E (router) [+ 3*H*I + H with moe.shared_expert]  per MoE layer
+  N_active = L*attn_p + L_dense*dense_p + L_moe*moe_p + H*V (LM head / tied-embedding logits)
+  FLOPs/token (train) = 6*N_active + 6*L*S*d_attn
+
+i.e. forward = 2*N_active + 2*L*S*d_attn per token (QK^T and AV are 2*S*d_attn multiply-adds
+each, halved for the causal mask) and forward+backward = 3x forward. Embedding lookups, norms,
+biases, softmax and rotary are not counted.
+
+  MFU = FLOPs/token * tokens/s / (peak FLOP/s per device * number of devices)
+
+Peak is the dense bf16 number of the device kind (PEAK_FLOPS), or `config.peak_flops_per_device`
+when > 0. On CPU the peak is NOMINAL (CPU_NOMINAL_FLOPS per process, the f32 matmul ceiling of the
+2-core development machine); simulated CPU devices share the same cores, so the CPU peak is not
+multiplied by the device count. CPU MFU is a sanity number, not a benchmark.
+"""
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from apollo_jax import config as cfg
+
+# Dense bf16 peak FLOP/s per device; matched as lowercase substrings of `device.device_kind`,
+# first match wins (so "v5 lite" is tried before "v5").
+PEAK_FLOPS = (
+    ("v6 lite", 918e12), ("v6e", 918e12),     # TPU v6e (Trillium)
+    ("v5 lite", 197e12), ("v5e", 197e12),     # TPU v5e
+    ("v5p", 459e12), ("v5", 459e12),          # TPU v5p reports "TPU v5"
+    ("v4", 275e12),                           # TPU v4
+    ("h200", 989e12), ("h100", 989e12),       # SXM, dense (no sparsity)
+    ("a100", 312e12),
+)
+CPU_NOMINAL_FLOPS = 3e11
+
+
+def active_params(config) -> int:
+  """Matmul parameters one token passes through (k routed experts + router; see docstring)."""
+  m, e = config.model, config.moe
+  H, I, V, L = m.hidden_size, m.intermediate_size, m.vocab_size, m.num_layers
+  hd = m.head_dim or H // m.num_heads
+  d_attn = m.num_heads * hd
+  attn = H * d_attn + 2 * H * m.num_kv_heads * hd + d_attn * H
+  n_moe = len(cfg.moe_layer_indices(e.layers, L))
+  moe = e.top_k * 3 * H * I + H * e.num_experts + ((3 * H * I + H) if e.shared_expert else 0)
+  return L * attn + (L - n_moe) * 3 * H * I + n_moe * moe + H * V
+
+
+def flops_per_token(config) -> float:
+  """Training (forward + backward) model FLOPs per token, MaxText convention (see docstring)."""
+  m = config.model
+  d_attn = m.num_heads * (m.head_dim or m.hidden_size // m.num_heads)
+  return 6.0 * active_params(config) + 6.0 * m.num_layers * config.data.seq_len * d_attn
+
+
+def peak_flops(config, devices=None) -> tuple[float, str]:
+  """(peak FLOP/s of all `devices` together, how it was chosen)."""
+  devices = jax.devices() if devices is None else devices
+  override = float(config.get("peak_flops_per_device", 0.0) or 0.0)
+  if override > 0:
+    return override * len(devices), "config.peak_flops_per_device"
+  kind = devices[0].device_kind.lower()
+  if devices[0].platform == "cpu":
+    return CPU_NOMINAL_FLOPS * jax.process_count(), "cpu nominal"
+  for key, value in PEAK_FLOPS:
+    if key in kind:
+      return value * len(devices), kind
+  return float("nan"), f"unknown device kind {kind!r} (set config.peak_flops_per_device)"
+
+
+def mfu(config, tokens_per_s: float, peak: float) -> float:
+  return flops_per_token(config) * tokens_per_s / peak
+
+
+def to_jsonable(value):
+  """Scalars -> float/int, arrays -> (nested) lists; NaN/Inf -> None (strict JSON)."""
+  a = np.asarray(value)
+  if a.dtype.kind in "iub":
+    return a.tolist()
+  a = a.astype(np.float64)
+  if a.ndim == 0:
+    return float(a) if math.isfinite(a) else None
+  return [to_jsonable(x) for x in a]
+
+
+class Logger:
+  """metrics.jsonl + tqdm bar + wandb; everything but the bar's math is a no-op off process 0."""
+
+  def __init__(self, workdir: str, config, start_step: int):
+    self.is_main = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.wandb = None
+    if self.is_main:
+      _truncate_after(self.path, start_step)     # a resumed run rewrites the steps it redoes
+      if config.wandb.enabled:
+        self.wandb = _init_wandb(config, workdir)
+    from tqdm import tqdm
+    self.bar = tqdm(total=config.steps, initial=start_step, disable=not self.is_main,
+                    dynamic_ncols=True, mininterval=1.0, desc="train")
+    self.t_start = time.time()
+
+  def advance(self, n: int = 1, **postfix):
+    self.bar.update(n)
+    if postfix:
+      self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+  def write(self, step: int, record: dict):
+    if not self.is_main:
+      return
+    record = {"step": int(step), **{k: to_jsonable(v) for k, v in record.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record, allow_nan=False) + "\n")
+    if self.wandb is not None:
+      self.wandb.log({k: v for k, v in record.items() if k != "step" and not isinstance(v, list)},
+                     step=int(step))
+
+  def print(self, msg: str):
+    if self.is_main:
+      self.bar.write(msg)
+
+  def close(self):
+    self.bar.close()
+    if self.wandb is not None:
+      self.wandb.finish()
+      self.wandb = None
+
+
+def _truncate_after(path: str, step: int):
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+  with open(path, "w") as f:
+    f.writelines(keep)
+
+
+def _init_wandb(config, workdir: str):
+  import wandb
+  # Offline unless a key is configured: online with no reachable server blocks ~100 s (JAX_NOTES f).
+  mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+  return wandb.init(project=config.wandb.project, name=config.wandb.name or None, dir=workdir,
+                    config=config.to_dict(), mode=mode)

@@ -1,0 +1,103 @@
+"""End-to-end `python -m apollo_jax.train` runs (subprocesses on fixture data): metrics.jsonl,
+exact resume after SIGKILL, and mesh-independent losses (1 vs 8 simulated devices)."""
+
+import math
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+
+import train_fixtures as tf
+
+pytestmark = pytest.mark.slow
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  return tf.shared_data(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def jit_cache(tmp_path_factory):
+  return tf.shared_jit_cache(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reference(data, jit_cache, tmp_path_factory):
+  """An uninterrupted 1-device run of STEPS steps."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  tf.check_ok(tf.run(workdir, tf.flags(data, STEPS), 1, jit_cache))
+  return workdir
+
+
+def test_metrics_jsonl(reference):
+  recs = tf.read_metrics(reference)
+  assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
+  for r in recs:
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "moe/layer_2/load",
+                "moe/layer_2/drop_fraction", "moe/layer_3/load", "moe/layer_3/drop_fraction"):
+      assert key in r, key
+    assert math.isfinite(r["loss"]) and r["grad_norm"] > 0
+    assert len(r["moe/layer_2/load"]) == 7 and abs(sum(r["moe/layer_2/load"]) - 1) < 1e-5
+    assert 0 <= r["moe/layer_3/drop_fraction"] <= 1
+    assert any(k.startswith("loss/") for k in r)          # per-family loss
+  assert recs[0]["tokens_per_s"] is None and recs[1]["tokens_per_s"] > 0 and recs[1]["mfu"] > 0
+  evals = [r["step"] for r in recs if "eval_loss" in r]
+  assert evals == [10, 20, 30]
+  # the schedule: warmup_ratio 0.1 of 30 steps = 3 warmup steps, first update at lr 0
+  assert recs[0]["lr"] == 0 and recs[3]["lr"] == pytest.approx(3e-3)
+  assert recs[-1]["loss"] < recs[0]["loss"] - 0.5
+  assert tf.committed_steps(reference) == [20, 25, 30]   # keep=3
+
+
+def test_resume_after_sigkill_is_exact(reference, data, jit_cache, tmp_path):
+  workdir = str(tmp_path / "killed")
+  proc = tf.start(workdir, tf.flags(data, STEPS), 1, jit_cache)
+  try:
+    tf.wait_for(lambda: tf.committed_steps(workdir), proc, what="the first committed checkpoint")
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  first = tf.committed_steps(workdir)
+  assert first and max(first) < STEPS, first
+  result = tf.check_ok(tf.run(workdir, tf.flags(data, STEPS), 1, jit_cache))
+  assert "resumed from" in result.stdout
+  a, b = tf.restore_params(reference, STEPS), tf.restore_params(workdir, STEPS)
+  assert a.keys() == b.keys()
+  diff = [k for k in a if not np.array_equal(a[k], b[k])]
+  assert not diff, f"resumed params differ from the uninterrupted run: {diff}"
+  ref, res = tf.read_metrics(reference), tf.read_metrics(workdir)
+  assert [r["step"] for r in res] == list(range(1, STEPS + 1))
+  assert [r["loss"] for r in res] == [r["loss"] for r in ref]
+
+
+@pytest.mark.parametrize("mesh", [dict(mesh__data=2, mesh__fsdp=2, mesh__expert=2),
+                                  dict(mesh__fsdp=8)], ids=["data2_fsdp2_expert2", "fsdp8"])
+def test_losses_do_not_depend_on_the_mesh(reference, data, jit_cache, tmp_path, mesh):
+  workdir = str(tmp_path / "mesh")
+  tf.check_ok(tf.run(workdir, tf.flags(data, STEPS, ckpt__every=1000, **mesh), 8, jit_cache))
+  ref, got = tf.read_metrics(reference), tf.read_metrics(workdir)
+  assert len(got) == len(ref) == STEPS
+  for r, g in zip(ref, got):
+    np.testing.assert_allclose(g["loss"], r["loss"], rtol=1e-4, err_msg=f"step {r['step']}")
+    np.testing.assert_allclose(g["grad_norm"], r["grad_norm"], rtol=1e-3, err_msg=f"step {r['step']}")
+    if "eval_loss" in r:
+      np.testing.assert_allclose(g["eval_loss"], r["eval_loss"], rtol=1e-4)
+
+
+def test_resume_onto_another_mesh(reference, data, jit_cache, tmp_path):
+  """A 1-device checkpoint resumes on an 8-device (data, fsdp, expert) mesh and ends where the
+  1-device run ended (same program as the mesh test above, so the compile is cached)."""
+  workdir = tmp_path / "remesh"
+  shutil.copytree(os.path.join(reference, "checkpoints", "25"), workdir / "checkpoints" / "25")
+  flags = tf.flags(data, STEPS, ckpt__every=1000, mesh__data=2, mesh__fsdp=2, mesh__expert=2)
+  result = tf.check_ok(tf.run(str(workdir), flags, 8, jit_cache))
+  assert f"step {STEPS}/{STEPS} (started at 25)" in result.stdout
+  a, b = tf.restore_params(reference, STEPS), tf.restore_params(str(workdir), STEPS)
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-5, err_msg=k)
