@@ -16,11 +16,15 @@ from apollo_jax import config as cfg
 from apollo_jax import hf
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("hf_dir", None, "HF checkpoint dir (config.json + safetensors).")
-flags.DEFINE_string("out", None, "Output dir (OUT/params, OUT/model_config.json).")
-flags.DEFINE_bool("upcycle", False, "Upcycle a dense checkpoint into --config's MoE layers.")
-config_flags.DEFINE_config_file("config", None, "Target config (required with --upcycle).",
-                                lock_config=True)
+
+
+def define_flags():
+  """CLI flags; defined only when run as a script, so importing this module never clashes."""
+  flags.DEFINE_string("hf_dir", None, "HF checkpoint dir (config.json + safetensors).")
+  flags.DEFINE_string("out", None, "Output dir (OUT/params, OUT/model_config.json).")
+  flags.DEFINE_bool("upcycle", False, "Upcycle a dense checkpoint into --config's MoE layers.")
+  config_flags.DEFINE_config_file("config", None, "Target config (required with --upcycle).",
+                                  lock_config=True)
 
 
 def convert(hf_dir, out, config=None, upcycle=False):
@@ -59,4 +63,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

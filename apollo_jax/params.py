@@ -12,7 +12,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 from apollo_jax import config as cfg
@@ -42,14 +42,12 @@ def count_params(config) -> dict:
   return {"total_params": total, "active_params": active}
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/apollo_moe_7b.py[:args].")
-
-
 def main(argv):
   del argv
-  config = cfg.validate(_CONFIG.value)
+  config = cfg.validate(flags.FLAGS.config)
   print(json.dumps(count_params(config)))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":   # flags defined only here, so importing this module never clashes
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/apollo_moe_7b.py[:args].")
   app.run(main)

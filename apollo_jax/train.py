@@ -26,9 +26,12 @@ from apollo_jax import train_step as ts
 from apollo_jax.data import pipeline
 from apollo_jax.model import transformer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/tiny.py[:args]",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output dir: checkpoints/, metrics.jsonl, data_cache/")
+
+def define_flags():
+  """CLI flags; defined only when run as a script, so importing this module never clashes."""
+  config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/tiny.py[:args]",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "output dir: checkpoints/, metrics.jsonl, data_cache/")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -247,25 +250,27 @@ def evaluate(eval_fn, params, data, mesh, rows):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if not workdir:
     raise app.UsageError("--workdir is required")
-  if _CONFIG.value is None:
+  if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
   if not flags.FLAGS["verbosity"].present:   # Orbax logs every save at INFO; keep the bar readable
     logging.set_verbosity(logging.WARNING)
   maybe_initialize_distributed()
   t = time.time()
   try:
-    s = train(_CONFIG.value, _WORKDIR.value)
+    s = train(config, workdir)
   except NonFiniteLoss as e:
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   fmt = lambda v: "n/a" if v is None else f"{v:.4g}"
   ev = fmt(s["eval_loss"]) if s["eval_loss_start"] is None else f"{fmt(s['eval_loss_start'])} -> {fmt(s['eval_loss'])}"
-  print(f"{s['status']}: step {s['step']}/{_CONFIG.value.steps} (started at {s['start_step']}) in "
+  print(f"{s['status']}: step {s['step']}/{config.steps} (started at {s['start_step']}) in "
         f"{time.time() - t:.1f}s; final loss {fmt(s['loss'])}, eval loss {ev}, "
         f"{fmt(s['tokens_per_s'])} tokens/s", flush=True)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
