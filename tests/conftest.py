@@ -11,3 +11,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+  """Fixture corpus + tokenizer for the end-to-end train runs (built once per worker)."""
+  import train_fixtures
+  return train_fixtures.shared_data(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def jit_cache(tmp_path_factory):
+  """A JAX compilation cache shared by the train subprocesses of one worker."""
+  import train_fixtures
+  return train_fixtures.shared_jit_cache(tmp_path_factory)

@@ -16,16 +16,6 @@ STEPS = 30
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-  return tf.shared_data(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def jit_cache(tmp_path_factory):
-  return tf.shared_jit_cache(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def reference(data, jit_cache, tmp_path_factory):
   """An uninterrupted 1-device run of STEPS steps."""
   workdir = str(tmp_path_factory.mktemp("reference"))

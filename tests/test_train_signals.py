@@ -14,16 +14,6 @@ pytestmark = pytest.mark.slow
 STEPS = 30
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-  return tf.shared_data(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def jit_cache(tmp_path_factory):
-  return tf.shared_jit_cache(tmp_path_factory)
-
-
 def test_sigterm_saves_and_resumes(data, jit_cache, tmp_path):
   workdir = str(tmp_path / "run")
   flags = tf.flags(data, STEPS, ckpt__every=1000)       # no periodic checkpoint before the signal
