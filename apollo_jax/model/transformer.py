@@ -97,7 +97,11 @@ class Transformer(nn.Module):
     embed = nn.Embed(m.vocab_size, m.hidden_size, param_dtype=jnp.float32, dtype=dtype,
                      embedding_init=layers.kernel_init(m.init_std, ("vocab", "embed")),
                      name="embed_tokens")
-    x = nn.with_logical_constraint(embed(input_ids).astype(dtype), ACT)
+    # All-gather the table's FSDP-sharded embedding dim before the lookup (as for every FSDP
+    # weight): otherwise the lookup's gradient needs a batch->embed reshard XLA can only do by
+    # replicating the activations.
+    table = nn.with_logical_constraint(embed.embedding, ("vocab", "act_embed"))
+    x = nn.with_logical_constraint(jnp.take(table, input_ids, axis=0).astype(dtype), ACT)
 
     for p in plan:
       if p["stacked"]:
