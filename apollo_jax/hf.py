@@ -16,6 +16,7 @@ import numpy as np
 
 from apollo_jax import config as cfg
 from apollo_jax import languages
+from apollo_jax.model.transformer import abstract_params, build_model, layer_plan
 from apollo_jax.safetensors_np import read_safetensors
 
 # architecture -> flavour; model_type is the fallback when a config has no `architectures`.
@@ -160,26 +161,13 @@ def load_hf_state(hf_dir) -> dict:
 
 # ---------------------------------------------------------------------------------- param trees
 
-def abstract_params(config) -> dict:
-  """Unboxed ShapeDtypeStruct tree of build_model(config)'s params (no memory is allocated)."""
-  import flax.linen as nn
-  from apollo_jax.model.transformer import build_model
-  model = build_model(config)
-  ids = jnp.zeros((1, 8), jnp.int32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids))
-  return nn.meta.unbox(shapes["params"])
-
-
-def _plan(config):
-  from apollo_jax.model.transformer import layer_plan
-  return layer_plan(config)
 
 
 def split_layers(params, config):
   """Params -> (top-level dict without layer blocks, [per-decoder-layer dict] * num_layers)."""
   top = dict(params)
   layers = []
-  for blk in _plan(config):
+  for blk in layer_plan(config):
     tree = top.pop(blk["name"])
     if blk["stacked"]:
       layers += [jax.tree.map(lambda x, j=j: x[j], tree) for j in range(blk["count"])]
@@ -191,7 +179,7 @@ def split_layers(params, config):
 def join_layers(top, layers, config):
   """Inverse of split_layers: stacks every scanned run of dense layers per layer_plan."""
   params = dict(top)
-  for blk in _plan(config):
+  for blk in layer_plan(config):
     run = layers[blk["start"]:blk["start"] + blk["count"]]
     params[blk["name"]] = (jax.tree.map(lambda *xs: np.stack(xs), *run) if blk["stacked"] else run[0])
   return params
@@ -327,7 +315,6 @@ def load_pretrained(hf_dir, config_overrides=None):
 
 def from_pretrained(hf_dir, config_overrides=None):
   """(module, params): `module.apply({'params': params}, input_ids)` gives the HF logits."""
-  from apollo_jax.model.transformer import build_model
   config, params = load_pretrained(hf_dir, config_overrides)
   return build_model(config), params
 

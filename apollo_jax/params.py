@@ -9,21 +9,12 @@ uses (top_k routed experts, plus the shared expert when there is one), as the pa
 import json
 import math
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
 from apollo_jax import config as cfg
-from apollo_jax.model.transformer import build_model
-
-
-def abstract_params(config):
-  module = build_model(config)
-  ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-  variables = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros(ids.shape, ids.dtype)))
-  return nn.meta.unbox(variables)["params"]
+from apollo_jax.model.transformer import abstract_params
 
 
 def count_params(config) -> dict:

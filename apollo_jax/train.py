@@ -83,32 +83,16 @@ def global_batch(local, mesh, rows: int):
   return out
 
 
-def load_init_params(path, abstract_params, param_shardings, config):
+def load_init_params(path, param_shardings, config):
   """Params written by apollo_jax.hf.save_params, restored onto this mesh's shardings."""
   if not os.path.isdir(os.path.join(path, "params")):
     raise FileNotFoundError(f"--config.init_from={path}: expected {path}/params and {path}/model_config.json "
                             "(written by convert_from_hf / apollo_jax.hf.save_params)")
-  params, meta = hf.load_params(path)       # host numpy; shapes checked below, then placed
+  params, meta = hf.load_params(path)       # host numpy
   hf.check_saved_config(meta, config)
-  want = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-  got = dict((jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0])
-  out = []
-  for p, a in want:
-    key = jax.tree_util.keystr(p)
-    if key not in got:
-      raise ValueError(f"--config.init_from={path}: parameter {key} is missing (the saved tree has "
-                       f"{len(got)} leaves); was it saved with a different model.scan_layers or moe.layers?")
-    x = np.asarray(got[key], np.float32)
-    if x.shape != a.shape and "experts" in key and x.shape[1:] == a.shape[1:]:
-      # expert padding follows the mesh (E_pad): padded experts are zero and never routed to
-      n = min(x.shape[0], a.shape[0], config.moe.num_experts)
-      x = np.concatenate([x[:n], np.zeros((a.shape[0] - n,) + a.shape[1:], np.float32)])
-    if x.shape != a.shape:
-      raise ValueError(f"--config.init_from={path}: parameter {key} has shape {x.shape}, the config "
-                       f"needs {a.shape}; the saved model_config.json and --config disagree")
-    out.append(x)
-  tree = jax.tree.unflatten(jax.tree.structure(abstract_params), out)
-  return jax.device_put(tree, param_shardings)
+  # expert padding follows the mesh (E_pad); re-padding also checks every leaf and shape
+  params = hf.repad_experts(params, config)
+  return jax.device_put(jax.tree.map(lambda x: np.asarray(x, np.float32), params), param_shardings)
 
 
 def train(config, workdir: str) -> dict:
@@ -131,7 +115,7 @@ def train(config, workdir: str) -> dict:
     else:
       params = None
       if config.init_from:
-        params = load_init_params(config.init_from, abstract["params"], shardings["params"], config)
+        params = load_init_params(config.init_from, shardings["params"], config)
       state = ts.init_state(config, tx, shardings, init_fn, params)
     try:
       return _loop(config, workdir, mesh, model, tx, state, shardings, data, ckpt, stop)

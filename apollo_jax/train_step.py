@@ -18,6 +18,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from apollo_jax import languages, optimizer, sharding
+from apollo_jax.model.transformer import unbox
 
 FAMILY_OF_LANGUAGE = languages.expert_map("family7")
 NUM_FAMILIES = len(languages.FAMILIES)
@@ -49,12 +50,6 @@ def state_shardings(model, config, tx, mesh):
               "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
   shardings = {"params": param_sh, "opt_state": opt_sh, "step": rep, "rng": rep}
   return abstract, shardings, init
-
-
-def unbox(tree):
-  """Strip logical-partitioning boxes without a sharding constraint (also outside jit)."""
-  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata)
-                      else x, tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def init_state(config, tx, shardings, init_fn, params=None):

@@ -119,3 +119,40 @@ def test_two_processes_match_one(reference, data, jit_cache, tmp_path):
   for r, g in zip(ref, got):
     np.testing.assert_allclose(g["loss"], r["loss"], rtol=1e-4, err_msg=f"step {r['step']}")
   assert tf.committed_steps(workdir) == [STEPS]
+
+
+def test_init_from_upcycled_hf_checkpoint(data, jit_cache, tmp_path):
+  """HF Qwen2 dir -> convert_from_hf --upcycle -> train --config.init_from: the run starts from
+  exactly those weights (7 experts re-padded to the mesh's 8), checked with lr=0 for 2 steps."""
+  import subprocess
+  import sys
+  transformers = pytest.importorskip("transformers")
+  from apollo_jax import hf
+  hf_cfg = transformers.Qwen2Config(vocab_size=640, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                    tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6)
+  hf_dir, conv = str(tmp_path / "hf"), str(tmp_path / "converted")
+  transformers.Qwen2ForCausalLM(hf_cfg).save_pretrained(hf_dir)
+  out = subprocess.run([sys.executable, "-m", "apollo_jax.convert_from_hf", f"--hf_dir={hf_dir}",
+                        f"--out={conv}", "--upcycle", "--config=configs/tiny.py",
+                        "--config.model.vocab_size=640"], cwd=tf.REPO, env=tf.env(1), text=True,
+                       capture_output=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  workdir = str(tmp_path / "run")
+  flags = tf.flags(data, 2, init_from=conv, optim__lr=0.0, eval_every=0)
+  tf.check_ok(tf.run(workdir, flags, 1, jit_cache))
+  converted, _ = hf.load_params(conv)
+  trained = tf.restore_params(workdir, 2)
+  flat = {jax_key: v for jax_key, v in _flat(converted)}
+  assert flat.keys() == trained.keys()
+  for k, v in flat.items():
+    got = trained[k]
+    if "experts" in k:                   # padded expert (index 7) is zero, the rest identical
+      assert got.shape[0] == 8 and v.shape[0] == 7 and not got[7:].any()
+      got = got[:7]
+    np.testing.assert_array_equal(got, v, err_msg=k)
+
+
+def _flat(tree):
+  import jax
+  return [(jax.tree_util.keystr(p), np.asarray(x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]

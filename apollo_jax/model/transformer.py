@@ -147,6 +147,20 @@ def build_model(config) -> nn.Module:
   return Transformer(config)
 
 
+def abstract_params(config) -> dict:
+  """Unboxed jax.ShapeDtypeStruct tree of the params of build_model(config) (nothing allocated)."""
+  ids = jnp.zeros((1, 8), jnp.int32)
+  shapes = jax.eval_shape(lambda: build_model(config).init(jax.random.PRNGKey(0), ids))
+  return unbox(shapes["params"])
+
+
+def unbox(tree):
+  """Strip the logical-partitioning boxes WITHOUT applying sharding constraints (so it also works
+  on abstract values and outside jit under an active mesh, where nn.meta.unbox would fail)."""
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata)
+                      else x, tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def _layer_index(name: str) -> int:
   return int(name.rsplit("_", 1)[1])
 
