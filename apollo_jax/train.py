@@ -248,6 +248,8 @@ def main(argv):
   except NonFiniteLoss as e:
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
+  if jax.process_index() != 0:
+    return
   fmt = lambda v: "n/a" if v is None else f"{v:.4g}"
   ev = fmt(s["eval_loss"]) if s["eval_loss_start"] is None else f"{fmt(s['eval_loss_start'])} -> {fmt(s['eval_loss'])}"
   print(f"{s['status']}: step {s['step']}/{config.steps} (started at {s['start_step']}) in "

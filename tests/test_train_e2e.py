@@ -98,22 +98,15 @@ def test_resume_onto_another_mesh(reference, data, jit_cache, tmp_path):
 def test_two_processes_match_one(reference, data, jit_cache, tmp_path):
   """2 processes x 4 CPU devices (jax.distributed over 127.0.0.1, gloo): each process loads only
   its rows, the global batch is assembled from both; the losses equal the 1-device run's."""
-  import socket
   import subprocess
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  import sys
   workdir = str(tmp_path / "mp")
   flags = tf.flags(data, STEPS, ckpt__every=1000, mesh__fsdp=8)
-  procs = []
-  for pid in range(2):
-    env = tf.env(4, jit_cache)
-    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen(tf.command(workdir, flags), cwd=tf.REPO, env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
+  env = tf.env(4, jit_cache)
+  env.update(NPROC="2", DEVICES_PER_PROCESS="4", PYTHON=sys.executable)
+  out = subprocess.run(["bash", "launch/local_multiprocess.sh", f"--workdir={workdir}"] + flags,
+                       cwd=tf.REPO, env=env, text=True, capture_output=True, timeout=300)
+  assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
   ref, got = tf.read_metrics(reference), tf.read_metrics(workdir)
   assert [r["step"] for r in got] == [r["step"] for r in ref]
   for r, g in zip(ref, got):
