@@ -115,9 +115,10 @@ def dispatch_combine(idx, weights, keep, pos, num_experts: int, capacity: int):
   """dispatch (0/1) and combine (weight) tensors [G, S, E, C] for the kept assignments."""
   e_hot = jax.nn.one_hot(idx, num_experts, dtype=jnp.float32) * keep[..., None]     # [G,S,K,E]
   c_hot = jax.nn.one_hot(jnp.where(keep, pos, -1), capacity, dtype=jnp.float32)      # [G,S,K,C]
-  dispatch = jnp.sum(e_hot[..., :, None] * c_hot[..., None, :], axis=2)
-  combine = jnp.sum((e_hot * weights[..., None])[..., :, None] * c_hot[..., None, :], axis=2)
-  return dispatch, combine
+  # Contract the K slots as a matmul (no [G,S,K,E,C] intermediate). Each (E, C) cell gets at most
+  # one assignment, so the sums are exact; HIGHEST keeps the fp32 weights exact on TPU/GPU too.
+  outer = lambda a: jnp.einsum("GSKE,GSKC->GSEC", a, c_hot, precision=jax.lax.Precision.HIGHEST)
+  return outer(e_hot), outer(e_hot * weights[..., None])
 
 
 def expert_load(idx, valid, num_real: int):
