@@ -122,3 +122,34 @@ def test_expert_params_are_sharded_on_expert_axis():
   expert_specs = [s for k, s in flat.items() if "experts" in k]
   assert expert_specs and all(s[0] == "expert" for s in expert_specs)
   assert all("fsdp" in tuple(s) for s in expert_specs)     # and FSDP-sharded on `embed`
+
+
+def test_partition_specs_of_the_released_shape():
+  """Golden PartitionSpecs of Apollo-MoE-0.5B on a data=1, fsdp=2, expert=2, tensor=2 mesh
+  (abstract: nothing is allocated)."""
+  from jax.sharding import PartitionSpec as P
+  config = cfg.load("apollo_moe_0p5b")
+  config.mesh.update(data=1, fsdp=2, expert=2, tensor=2)
+  mesh = sharding.make_mesh(config)
+  module = build_model(config)
+  with sharding.activate(mesh):
+    abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+    specs = sharding.param_shardings(abstract, mesh)["params"]
+  got = {jax.tree_util.keystr(p, simple=True, separator="/"): s.spec
+         for p, s in jax.tree_util.tree_flatten_with_path(specs)[0]}
+  want = {
+      "embed_tokens/embedding": P("tensor", "fsdp"),
+      "layers_0/self_attn/q_proj/kernel": P(None, "fsdp", "tensor"),     # 22 stacked dense layers
+      "layers_0/self_attn/q_proj/bias": P(None, "tensor"),
+      "layers_0/self_attn/o_proj/kernel": P(None, "tensor", "fsdp"),
+      "layers_0/mlp/down_proj/kernel": P(None, "tensor", "fsdp"),
+      "layers_0/input_layernorm/scale": P(None, None),
+      "layers_22/mlp/gate/kernel": P("fsdp", None),
+      "layers_22/mlp/experts/gate_proj": P("expert", "fsdp", "tensor"),
+      "layers_23/mlp/experts/down_proj": P("expert", "tensor", "fsdp"),
+      "norm/scale": P(None),
+  }
+  for name, spec in want.items():
+    assert got[name] == spec, (name, got[name])
+  assert "lm_head/kernel" not in got                                   # tied embeddings
+  assert abstract["params"]["layers_22"]["mlp"]["experts"]["up_proj"].value.shape == (8, 896, 4864)
