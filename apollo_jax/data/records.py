@@ -116,42 +116,47 @@ def _list_record(item, where):
   return Sample(item["source"], lang, _check_turns(values, where), where)
 
 
+def _guarded(make, bad):
+  """make(); a BadRecord is re-raised (bad is None) or tallied in `bad` (then None is returned)."""
+  try:
+    return make()
+  except BadRecord as e:
+    if bad is None:
+      raise
+    bad.add(str(e))
+    return None
+
+
+def _where(path, i, item, source=None):
+  src = source if source is not None else (item.get("source") if isinstance(item, dict) else None)
+  return f"{path}: record {i} (source {src!r})"
+
+
+def _conversation_list(items, where):
+  if not isinstance(items, list):
+    raise BadRecord(f"{where}: value must be a list of conversations, got {type(items).__name__}")
+  return items
+
+
 def iter_dataset_file(path: str, bad: BadRecords | None = None):
   """Yield the Samples of one ApolloMoEDataset file (either form), in file order.
 
   bad=None: the first bad record raises ValueError; else bad records are skipped and tallied.
   """
   data = load_json(path)
-
-  def guarded(make, where):
-    try:
-      return make()
-    except BadRecord as e:
-      if bad is None:
-        raise
-      bad.add(str(e))
-      return None
-
   if isinstance(data, list):
     for i, item in enumerate(data):
-      src = item.get("source") if isinstance(item, dict) else None
-      where = f"{path}: record {i} (source {src!r})"
-      s = guarded(lambda: _list_record(item, where), where)
+      where = _where(path, i, item)
+      s = _guarded(lambda: _list_record(item, where), bad)
       if s is not None:
         yield s
   elif isinstance(data, dict):
     for source, items in data.items():
-      where0 = f"{path}: source {source!r}"
-      if not isinstance(items, list):
-        err = BadRecord(f"{where0}: value must be a list of conversations, got {type(items).__name__}")
-        if bad is None:
-          raise err
-        bad.add(str(err))
-        continue
-      for i, turns in enumerate(items):
-        where = f"{path}: record {i} (source {source!r})"
-        s = guarded(lambda: Sample(source, _language(source, where), _check_turns(turns, where), where),
-                    where)
+      items = _guarded(lambda: _conversation_list(items, f"{path}: source {source!r}"), bad)
+      for i, turns in enumerate(items or ()):
+        where = _where(path, i, None, source)
+        s = _guarded(lambda: Sample(source, _language(source, where), _check_turns(turns, where), where),
+                     bad)
         if s is not None:
           yield s
   else:
@@ -172,9 +177,21 @@ def read_dataset(files, skip_bad: bool = False):
 BENCH_FIELDS = ("question", "options", "answer", "source")
 
 
+def _bench_record(item, where):
+  if not isinstance(item, dict):
+    raise BadRecord(f"{where}: expected an object, got {type(item).__name__}")
+  for key in BENCH_FIELDS:
+    if key not in item:
+      raise BadRecord(f"{where}: missing field {key!r}")
+  for key in BENCH_FIELDS + ("context", "class"):
+    if key in item and not isinstance(item[key], str):
+      raise BadRecord(f"{where}: field {key!r} must be a string, got {type(item[key]).__name__}")
+  return {k: item.get(k, "") for k in BENCH_FIELDS + ("context", "class")}
+
+
 def read_bench(files, skip_bad: bool = False):
   """ApolloMoEBench records (dicts with str question/options/answer/source/context/class)."""
-  bad = BadRecords()
+  bad = BadRecords() if skip_bad else None
   out = []
   paths = expand_files(files) if isinstance(files, str) else list(files)
   for path in paths:
@@ -182,22 +199,9 @@ def read_bench(files, skip_bad: bool = False):
     if not isinstance(data, list):
       raise ValueError(f"{path}: ApolloMoEBench must be a JSON list of records, got {type(data).__name__}")
     for i, item in enumerate(data):
-      src = item.get("source") if isinstance(item, dict) else None
-      where = f"{path}: record {i} (source {src!r})"
-      try:
-        if not isinstance(item, dict):
-          raise BadRecord(f"{where}: expected an object, got {type(item).__name__}")
-        for key in BENCH_FIELDS:
-          if key not in item:
-            raise BadRecord(f"{where}: missing field {key!r}")
-        for key in BENCH_FIELDS + ("context", "class"):
-          if key in item and not isinstance(item[key], str):
-            raise BadRecord(f"{where}: field {key!r} must be a string, got {type(item[key]).__name__}")
-      except BadRecord as e:
-        if not skip_bad:
-          raise
-        bad.add(str(e))
-        continue
-      out.append({k: item.get(k, "") for k in BENCH_FIELDS + ("context", "class")})
+      rec = _guarded(lambda: _bench_record(item, _where(path, i, item)), bad)
+      if rec is not None:
+        out.append(rec)
+  bad = bad or BadRecords()
   bad.log("benchmark records")
   return out, bad
