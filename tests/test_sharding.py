@@ -45,12 +45,19 @@ def batch(rng, b=8, s=32, vocab=256):
   return dict(input_ids=ids, language_ids=lang, segment_ids=seg, positions=pos, targets=targets)
 
 
+def param_specs(config, mesh, ids_shape):
+  """(boxed abstract variables, param NamedShardings) of build_model(config) on `mesh`."""
+  module = build_model(config)
+  with sharding.activate(mesh):
+    abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros(ids_shape, jnp.int32)))
+    return abstract, sharding.param_shardings(abstract, mesh)["params"]
+
+
 def run(config, mesh, params, b):
   """Eval logits, and the train-mode loss and gradients, computed on `mesh`."""
   module = build_model(config)
+  _, p_sh = param_specs(config, mesh, b["input_ids"].shape)
   with sharding.activate(mesh):
-    abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), b["input_ids"]))
-    p_sh = sharding.param_shardings(abstract, mesh)["params"]
     b_sh = sharding.batch_sharding(mesh)
     params = jax.device_put(params, p_sh)
     bb = jax.device_put(b, b_sh)
@@ -113,11 +120,7 @@ def test_some_assignments_were_dropped(reference):
 def test_expert_params_are_sharded_on_expert_axis():
   config = tiny_config()
   config.mesh.update(data=1, fsdp=2, expert=4, tensor=1)
-  mesh = sharding.make_mesh(config)
-  module = build_model(config)
-  with sharding.activate(mesh):
-    abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((8, 16), jnp.int32)))
-    shardings = sharding.param_shardings(abstract, mesh)["params"]
+  _, shardings = param_specs(config, sharding.make_mesh(config), (8, 16))
   flat = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
   expert_specs = [s for k, s in flat.items() if "experts" in k]
   assert expert_specs and all(s[0] == "expert" for s in expert_specs)
@@ -130,11 +133,7 @@ def test_partition_specs_of_the_released_shape():
   from jax.sharding import PartitionSpec as P
   config = cfg.load("apollo_moe_0p5b")
   config.mesh.update(data=1, fsdp=2, expert=2, tensor=2)
-  mesh = sharding.make_mesh(config)
-  module = build_model(config)
-  with sharding.activate(mesh):
-    abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
-    specs = sharding.param_shardings(abstract, mesh)["params"]
+  abstract, specs = param_specs(config, sharding.make_mesh(config), (1, 8))
   got = {jax.tree_util.keystr(p, simple=True, separator="/"): s.spec
          for p, s in jax.tree_util.tree_flatten_with_path(specs)[0]}
   want = {
