@@ -23,8 +23,7 @@ from collections import Counter
 import numpy as np
 
 from apollo_jax import languages
-from apollo_jax.data import corpus as corpus_lib
-from apollo_jax.data import mixture, packing
+from apollo_jax.data import mixture, packing, token_cache
 from apollo_jax.data import tokenizer as tok_lib
 
 
@@ -34,6 +33,11 @@ class Data:
   eval_batches: object          # () -> fresh finite iterator of batches
   tokenizer: object
   stats: dict
+  rows: object = None           # TrainRows: steps_for_epochs(), epoch_rows()
+
+  def steps_for_epochs(self, epochs: float) -> int:
+    """Optimizer steps that cover `epochs` passes over the train split (fractions allowed)."""
+    return self.rows.steps_for_epochs(epochs)
 
 
 class TrainRows:
@@ -85,6 +89,18 @@ class TrainRows:
         self._row_starts.append(self._row_starts[-1] + len(self.plan(epoch)[1]) - 1)
       epoch = int(np.searchsorted(self._row_starts, g, side="right")) - 1
       return epoch, g - self._row_starts[epoch]
+
+  def epoch_rows(self, epoch: int) -> int:
+    """Packed rows of one epoch (epochs differ slightly: each has its own order)."""
+    return len(self.plan(epoch)[1]) - 1
+
+  def steps_for_epochs(self, epochs: float) -> int:
+    if epochs <= 0:
+      raise ValueError(f"epochs={epochs} must be > 0")
+    whole = int(epochs)
+    rows = sum(self.epoch_rows(e) for e in range(whole))
+    rows += (epochs - whole) * self.epoch_rows(whole) if epochs > whole else 0
+    return max(1, int(np.ceil(rows / self.global_batch)))
 
   def global_row(self, i):
     step, j = divmod(int(i), self.local)
@@ -156,10 +172,12 @@ def make_data(config, cache_dir, process_index=0, process_count=1):
   if tok.vocab_size > vocab:
     raise ValueError(f"tokenizer {d.tokenizer} has {tok.vocab_size} tokens but model.vocab_size={vocab}; "
                      "raise model.vocab_size (ids beyond it would be silently clipped)")
-  train = corpus_lib.open_corpus(d.train_files, cache_dir, tok, d.skip_bad_records)
+  corpus = lambda files: token_cache.open_corpus(files, cache_dir, tok, d.skip_bad_records, d.build_workers,
+                                                 process_index)
+  train = corpus(d.train_files)
   bad = train.meta["bad_records_skipped"]
   if d.eval_files:
-    ev = corpus_lib.open_corpus(d.eval_files, cache_dir, tok, d.skip_bad_records)
+    ev = corpus(d.eval_files)
     bad += ev.meta["bad_records_skipped"]
     train_ids, eval_ids = np.arange(len(train)), np.arange(len(ev))
   else:
@@ -200,5 +218,18 @@ def make_data(config, cache_dir, process_index=0, process_count=1):
     logging.warning("%d samples are longer than data.seq_len=%d and are truncated", truncated, d.seq_len)
   logging.info("data: %s", {k: v for k, v in stats.items() if k != "train_samples_per_language"})
   train_iter = _grain_iter(rows, g // process_count, d.num_workers)
-  return Data(train_iter, eval_batches, tok, stats)
+  return Data(train_iter, eval_batches, tok, stats, rows)
+
+
+def skip_empty_eval(config, data):
+  """config, with eval_every=0 and a logged note when there is nothing to evaluate (e.g. the big
+  configs' data.eval_fraction=0 without data.eval_files), instead of failing at the first eval."""
+  if data.stats["eval_rows"] or config.eval_every <= 0:
+    return config
+  logging.warning("no evaluation: the eval split is empty (data.eval_fraction=%g, data.eval_files=%r); set "
+                  "data.eval_files=... or data.eval_fraction>0 to evaluate", config.data.eval_fraction,
+                  config.data.eval_files)
+  config = config.copy_and_resolve_references()
+  config.eval_every = 0
+  return config
 
