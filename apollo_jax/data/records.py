@@ -182,9 +182,7 @@ def read_bench(files, skip_bad: bool = False):
   paths = expand_files(files) if isinstance(files, str) else list(files)
   top = "{path}: ApolloMoEBench must be a JSON list of records, got {got}"
   for path in paths:
-    for key, i, item, _ in stream_json.iter_items(path, top):
-      if key is not None:
-        raise ValueError(top.format(path=path, got="dict"))
+    for _, i, item, _ in stream_json.iter_items(path, top, objects=False):
       rec = _guarded(lambda: _bench_record(item, _where(path, i, item)), bad)
       if rec is not None:
         out.append(rec)

@@ -10,7 +10,7 @@ import codecs
 import json
 import re
 
-CHUNK = 1 << 20                    # bytes read at a time (grows while one item is larger)
+CHUNK = 1 << 18                    # bytes read at a time (grows while one item is larger)
 _WS = re.compile(r"[ \t\n\r]*")
 _NEAR_END = 16                     # a decode error this close to the buffer end may be a cut item
 
@@ -39,7 +39,8 @@ class _Stream:
     self.eof = not raw
 
   def _compact(self):
-    if self.pos < CHUNK:
+    """Drop the consumed text before reading more (once per read: O(n) overall)."""
+    if not self.pos:
       return
     self._line(self.pos)                     # count the lines being dropped
     nl = self.buf.rfind("\n", 0, self.pos)
@@ -108,29 +109,29 @@ class _Stream:
         return
 
 
-def iter_items(path, top_error, on_read=None):
-  """Yield (key, index, item, line) for every element of a top-level list (key None) or of every
-  list value of a top-level object; an object value that is not a list yields (key, None, value,
-  line) once. Any other top level raises ValueError(top_error.format(path=..., got=type name)).
-  on_read(n_bytes) is called as the file is read (progress bars)."""
+def iter_items(path, top_error, on_read=None, objects=True):
+  """Yield (key, index, item, line) for every element of a top-level list (key None) or, if
+  `objects`, of every list value of a top-level object; an object value that is not a list yields
+  (key, None, value, line) once. Any other top level raises
+  ValueError(top_error.format(path=..., got=type name)). on_read(n_bytes) is called as the file
+  is read (progress bars)."""
   with open(path, "rb") as f:
     s = _Stream(f, path, on_read)
     c = s.peek()
     if c == "[":
       for i, item, line in s.items():
         yield None, i, item, line
-    elif c == "{":
+    elif c == "{" and objects:
       s.pos += 1
       sep = "{"
       while sep != "}":
         if s.peek() == "}" and sep == "{":
           s.pos += 1
           break
-        s.peek()
+        if s.peek() != '"':
+          raise s.error("expecting a string key")
         line = s.here()
         key = s.value()
-        if not isinstance(key, str):
-          raise s.error("expecting a string key")
         s.expect(":", "':' delimiter")
         if s.peek() == "[":
           for i, item, item_line in s.items():

@@ -168,7 +168,8 @@ def build(paths, tokenizer, skip_bad, workers, out_dir):
     secs = time.time() - t0
     meta = {"files": [str(p) for p in paths], "num_records": len(lengths), "tokens": int(sum(lengths)),
             "bad_records_skipped": bad.count, "bad_reasons": bad.reasons, "eos_id": int(tokenizer.eos_id),
-            "version": CACHE_VERSION, "build_seconds": round(secs, 2), "build_workers": default_workers(workers)}
+            "version": CACHE_VERSION, "build_seconds": round(secs, 2), "build_workers": default_workers(workers),
+            "build_pid": os.getpid()}
     with open(os.path.join(tmp, corpus.META_JSON), "w") as f:
       json.dump(meta, f, indent=1)
     os.replace(tmp, out_dir)
