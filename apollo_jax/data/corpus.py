@@ -62,9 +62,12 @@ class Corpus:
 
   @property
   def source(self):
+    """The array_record reader (thread-safe reads); one batched read per row is ~2x faster than
+    one read per record."""
     if self._source is None:
-      from array_record.python import array_record_data_source
-      self._source = array_record_data_source.ArrayRecordDataSource(os.path.join(self.directory, RECORDS))
+      from array_record.python import array_record_module
+      self._source = array_record_module.ArrayRecordReader(os.path.join(self.directory, RECORDS),
+                                                           "readahead_buffer_size:0")
     return self._source
 
   def __len__(self):
@@ -74,6 +77,9 @@ class Corpus:
     ids = np.arange(len(self)) if ids is None else ids
     return [self.source_names[k] for k in self.source_ids[ids]]
 
+  def samples(self, ids):
+    """[(ids, labels, language index)] of the records `ids`."""
+    return [decode_record(raw, self.eos) for raw in self.source.read([int(i) for i in ids])] if len(ids) else []
+
   def sample(self, i):
-    """(ids, labels, language index) of record i."""
-    return decode_record(self.source[int(i)], self.eos)
+    return self.samples([i])[0]

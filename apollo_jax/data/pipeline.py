@@ -110,7 +110,7 @@ class TrainRows:
     epoch, row = self.locate(self.global_row(i))
     order, offsets = self.plan(epoch)
     ids = order[offsets[row]:offsets[row + 1]]
-    return packing.pack_row([self.corpus.sample(k) for k in ids], self.seq_len, self.pad_id, self.mode)
+    return packing.pack_row(self.corpus.samples(ids), self.seq_len, self.pad_id, self.mode)
 
 
 def split_eval(n, fraction, seed):
@@ -137,7 +137,7 @@ def eval_rows_fn(corpus, ids, config, process_index, process_count):
   def row(r):
     if r >= n_rows:
       return packing.empty_row(d.seq_len, pad)
-    return packing.pack_row([corpus.sample(k) for k in order[offsets[r]:offsets[r + 1]]], d.seq_len, pad,
+    return packing.pack_row(corpus.samples(order[offsets[r]:offsets[r + 1]]), d.seq_len, pad,
                             d.packing)
 
   def eval_batches():
