@@ -18,6 +18,7 @@ by default 8 x H100 (989 TFLOP/s bf16 dense) at 40% MFU for Apollo-MoE-0.5B at s
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -55,6 +56,12 @@ def timed(fn):
   t = time.perf_counter()
   out = fn()
   return out, time.perf_counter() - t
+
+
+def cpu_seconds():
+  """CPU time of this process and its finished children (the build's worker processes)."""
+  me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def needed_tokens_per_s(a):
@@ -95,17 +102,23 @@ def run(a, work):
   print(f"generated {a.records} records, {size / 1e6:.1f} MB in {secs:.1f} s")
   tok = tok_lib.load_tokenizer(a.tokenizer)
 
+  cpu0 = cpu_seconds()
   n, secs = timed(lambda: sum(1 for _ in records.iter_dataset_file(path)))
-  print(f"parse: {n / secs:,.0f} records/s, {size / secs / 1e6:.1f} MB/s")
+  cpu = cpu_seconds() - cpu0
+  print(f"parse: {n / secs:,.0f} records/s, {size / secs / 1e6:.1f} MB/s ({secs:.1f} s wall, {cpu:.1f} CPU-s: "
+        f"{size / cpu / 1e6:.1f} MB per CPU-second; the 13.5 GB file: ~{13.5e9 / (size / cpu) / 60:.0f} CPU-min)")
 
   workers = token_cache.default_workers(a.workers)
   for w in sorted({1, workers}):
     out = os.path.join(work, f"build_w{w}")
+    cpu0 = cpu_seconds()
     _, secs = timed(lambda: token_cache.build([path], tok, False, w, out))
+    cpu = cpu_seconds() - cpu0
     meta = json.load(open(os.path.join(out, "meta.json")))
     print(f"build_w{w}: {meta['num_records'] / secs:,.0f} records/s, {meta['tokens'] / secs:,.0f} tokens/s, "
-          f"{size / secs / 1e6:.1f} MB/s ({meta['tokens']:,} tokens, {secs:.1f} s); the 2.5 B-token corpus: "
-          f"~{CORPUS_TOKENS / (meta['tokens'] / secs) / 3600:.1f} h")
+          f"{size / secs / 1e6:.1f} MB/s ({meta['tokens']:,} tokens, {secs:.1f} s wall, {cpu:.1f} CPU-s: "
+          f"{meta['tokens'] / cpu:,.0f} tokens per CPU-second); the 2.5 B-token corpus: "
+          f"~{CORPUS_TOKENS / (meta['tokens'] / secs) / 3600:.2f} h at this rate")
   corpus = corpus_lib.Corpus(out, tok)
   avg = float(np.mean(corpus.lengths))
   step_rows = a.gpus * a.rows_per_batch          # one data process per host feeds all its GPUs

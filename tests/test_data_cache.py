@@ -286,3 +286,12 @@ def test_big_configs_keep_all_training_data():
   from configs import apollo_2b, apollo_moe_0p5b, apollo_moe_7b
   for m in (apollo_moe_0p5b, apollo_2b, apollo_moe_7b):
     assert m.get_config().data.eval_fraction == 0.0
+
+
+def test_data_pipeline_benchmark_runs(tmp_path):
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "data_pipeline.py"), "--records=300",
+                        "--rows=8", "--workers=2", f"--dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  for name in ("parse:", "build_w1:", "build_w2:", "plan:", "rows:", "grain:", "need:", "headroom:"):
+    assert name in out.stdout, out.stdout
