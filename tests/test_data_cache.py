@@ -295,3 +295,10 @@ def test_data_pipeline_benchmark_runs(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   for name in ("parse:", "build_w1:", "build_w2:", "plan:", "rows:", "grain:", "need:", "headroom:"):
     assert name in out.stdout, out.stdout
+
+
+def test_no_valid_records_is_a_clear_error(env, tmp_path):
+  path = F.write_json(tmp_path / "allbad.json", [{"conversations": [], "source": "general_en"}, {"source": 3}])
+  with pytest.raises(ValueError, match=r"no valid records in \[.*allbad.json'\] \(2 bad ones skipped\)"):
+    token_cache.open_corpus(path, str(tmp_path / "cache"), env.tokenizer, skip_bad=True)
+  assert not [d for d in os.listdir(tmp_path / "cache" / "tokens") if not d.endswith(".lock")]   # no leftovers

@@ -1,5 +1,8 @@
 """make_data(config, cache_dir, process_index, process_count): the training and eval data.
 
+Records come pre-tokenised from token_cache (built once per data/tokenizer change); rows only read
+their samples' arrays and pack them. Data.steps_for_epochs(e) converts epochs into steps.
+
 Train stream: epoch e orders the train records by priority (mixture.order with seed
 (data.order_seed, e)), packs them greedily into rows (packing.plan_rows) and the epochs are
 concatenated into one endless stream of rows. Step s uses global rows [s*G, (s+1)*G) with
@@ -12,7 +15,8 @@ iterator has its own state format: resume with the same num_workers.)
 Eval: the held-out records (a seeded `data.eval_fraction` of train_files, or data.eval_files) in a
 fixed seeded order, packed once; eval_batches() yields at most config.eval_batches batches, the
 last one padded with empty rows (loss_mask 0) so every batch has the same shape
-(config.eval_batches <= 0: all of them).
+(config.eval_batches <= 0: all of them). An empty eval split is not an error: skip_empty_eval()
+turns evaluation off with a logged note.
 """
 
 import dataclasses
