@@ -226,6 +226,10 @@ def test_cache_reused_and_rebuilt_on_change(env, tmp_path, monkeypatch):
   os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
   assert token_cache.cache_key([path], env.tokenizer, False) == key
   assert len(os.listdir(os.path.join(cache, "tokens"))) == 4      # two builds + their lock files
+  edited = tmp_path / "chat.py"                        # the chat template changed -> rebuilt
+  edited.write_bytes(open(chat.__file__, "rb").read() + b"\n# edited\n")
+  monkeypatch.setattr(chat, "__file__", str(edited))
+  assert token_cache.cache_key([path], env.tokenizer, False) != key
 
 
 @pytest.fixture

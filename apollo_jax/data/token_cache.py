@@ -1,9 +1,9 @@
 """Build the pre-tokenised corpus once (corpus.py describes the files): streaming parse, chat
 template and tokenisation in parallel worker processes, one array_record of token ids + labels.
 
-Cache key (cheap to check on every start, no re-hash of 13.5 GB): CACHE_VERSION (bump when
-chat.py or the record layout changes), the tokenizer file's hash, skip_bad, and per input file its
-name, size, mtime and a hash of its first and last MiB. Trade-off: an edit that keeps size, mtime,
+Cache key (cheap to check on every start, no re-hash of 13.5 GB): CACHE_VERSION (bump when the
+record layout changes), the source of chat.py (the template; any edit rebuilds), the tokenizer
+file's hash, skip_bad, and per input file its name, size, mtime and a hash of its first and last MiB. Trade-off: an edit that keeps size, mtime,
 head and tail identical is not noticed (only deliberate tampering does that); copying the data
 without keeping mtimes (`cp` without -p) rebuilds although nothing changed, which is safe.
 
@@ -49,6 +49,8 @@ def file_key(path) -> str:
 
 def cache_key(paths, tokenizer, skip_bad) -> str:
   h = hashlib.sha256(f"{CACHE_VERSION}|{tok_lib.fingerprint(tokenizer)}|skip_bad={bool(skip_bad)}".encode())
+  with open(chat.__file__, "rb") as f:
+    h.update(f.read())
   for p in paths:
     h.update(file_key(p).encode())
   return h.hexdigest()[:20]
