@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import socket
 import tempfile
 import time
 from array import array
@@ -121,10 +122,19 @@ def encoded_chunks(chunks, tokenizer, workers):
 
 
 def default_workers(workers: int) -> int:
-  return workers if workers > 0 else max(1, len(os.sched_getaffinity(0)))
+  if workers > 0:
+    return workers
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------------------- build
+
+def _tmp_name(path):
+  """A fresh temporary sibling of `path`, unique per host and process (shared file systems)."""
+  tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  return tmp
+
 
 def _progress(total):
   from tqdm import auto as tqdm
@@ -133,8 +143,7 @@ def _progress(total):
 
 def build(paths, tokenizer, skip_bad, workers, out_dir):
   """Parse, tokenise and write `paths` into out_dir (via a temporary folder renamed at the end)."""
-  tmp = f"{out_dir}.tmp{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
+  tmp = _tmp_name(out_dir)
   shutil.rmtree(out_dir, ignore_errors=True)           # an unfinished earlier build
   os.makedirs(tmp)
   from array_record.python import array_record_module
@@ -212,8 +221,7 @@ def _mirror(cache_dir, key, local, is_builder, build_fn, wait_s=None):
                            "is process 0 running with the same data.train_files and data.tokenizer?")
       logging.info("waiting for process 0 to build the token cache %s", remote)
       time.sleep(WAIT_POLL_S)
-  tmp = f"{local}.tmp{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
+  tmp = _tmp_name(local)
   _copy_dir(remote, tmp)
   os.replace(tmp, local)
 
