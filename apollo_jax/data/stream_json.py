@@ -123,11 +123,10 @@ def iter_items(path, top_error, on_read=None, objects=True):
         yield None, i, item, line
     elif c == "{" and objects:
       s.pos += 1
-      sep = "{"
-      while sep != "}":
-        if s.peek() == "}" and sep == "{":
-          s.pos += 1
-          break
+      more = s.peek() != "}"
+      if not more:
+        s.pos += 1
+      while more:
         if s.peek() != '"':
           raise s.error("expecting a string key")
         line = s.here()
@@ -138,7 +137,7 @@ def iter_items(path, top_error, on_read=None, objects=True):
             yield key, i, item, item_line
         else:
           yield key, None, s.value(), line
-        sep = s.expect(",}", "',' delimiter")
+        more = s.expect(",}", "',' delimiter") == ","
     else:
       got = type(s.value()).__name__ if c else "an empty file"
       raise ValueError(top_error.format(path=path, got=got))
