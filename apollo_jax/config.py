@@ -72,7 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.priorities = ""                  # "" : SPEC §5.4 defaults; else "key_prefix=prio:repeat,..."
   d.skip_bad_records = False
   d.num_workers = 0                  # grain worker processes
-  d.cache_dir = ""                   # "" : <workdir>/data_cache
+  d.cache_dir = ""                   # "" : <workdir>/data_cache (local or gs://..., any etils epath)
+  # Pre-tokenised cache (issue 9): the corpus is tokenised once, at build time.
+  d.build_workers = 0                # processes tokenising at build time (0: every CPU of the host)
 
   # Training loop (top level: the names users type most, e.g. --config.steps=200).
   c.global_batch = 32                # packed rows per optimizer step (over all devices)

@@ -107,6 +107,7 @@ def train(config, workdir: str) -> dict:
     abstract, shardings, init_fn = ts.state_shardings(model, config, tx, mesh)
     data = pipeline.make_data(config, config.data.cache_dir or os.path.join(workdir, "data_cache"),
                               jax.process_index(), jax.process_count())
+    config = pipeline.skip_empty_eval(config, data)
     ckpt = checkpoint.Checkpointer(workdir, config)
     latest = ckpt.latest_step()
     if latest is not None:

@@ -19,5 +19,6 @@ def get_config(arg=None):
   m.remat = "full"
   cfg.apply_moe_args(c, args)
   c.data.tokenizer = "qwen2/tokenizer.json"
+  c.data.eval_fraction = 0.0        # never drop training data silently; evaluate on data.eval_files
   c.optim.lr = 1e-4
   return c

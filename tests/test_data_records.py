@@ -47,8 +47,6 @@ def _bad_list(kind):
     bad["source"] = "general_xx"
   elif kind == "empty":
     bad["conversations"] = []
-  elif kind == "odd":
-    bad["conversations"] = bad["conversations"][:1]
   elif kind == "value_not_string":
     bad["conversations"][1]["value"] = 5
   elif kind == "conversations_not_list":
@@ -60,11 +58,11 @@ def _bad_list(kind):
   return items
 
 
-LIST_KINDS = ["missing_conversations", "missing_source", "unknown_language", "empty", "odd",
+LIST_KINDS = ["missing_conversations", "missing_source", "unknown_language", "empty",
               "value_not_string", "conversations_not_list", "turn_not_object", "record_not_object"]
 MESSAGES = {"missing_conversations": "missing field 'conversations'", "missing_source": "missing field 'source'",
             "unknown_language": "unknown language code 'xx'", "empty": "empty conversation",
-            "odd": "odd number of turns", "value_not_string": "must be a string",
+            "value_not_string": "must be a string",
             "conversations_not_list": "'conversations' must be a list", "turn_not_object": "turn 0",
             "record_not_object": "expected an object"}
 
@@ -85,7 +83,7 @@ def test_bad_list_record(tmp_path, kind, caplog):
 
 
 EXT_KINDS = {"item_not_list": ("medicalBook_en_qa", 1, "q"), "value_not_string": ("medicalBook_en_qa", 1, ["q", 3]),
-             "empty": ("general_en", 0, []), "odd": ("general_en", 0, ["q", "a", "q2"])}
+             "empty": ("general_en", 0, [])}
 
 
 @pytest.mark.parametrize("kind", sorted(EXT_KINDS))
@@ -112,7 +110,7 @@ def test_extracted_unknown_language_and_non_list(tmp_path):
 
 def test_malformed_json_names_file_line_column(tmp_path):
   path = tmp_path / "broken.json"
-  path.write_text('[\n {"conversations": [], "source": "general_en"},\n {"source": oops}\n]')
+  path.write_text('[\n {"conversations": [{"value": "q"}], "source": "general_en"},\n {"source": oops}\n]')
   for skip in (False, True):                 # a file that does not parse is never skipped silently
     with pytest.raises(ValueError, match=r"broken.json: malformed JSON at line 3 column 13"):
       records.read_dataset(str(path), skip_bad=skip)
@@ -135,21 +133,3 @@ def test_bench_reader_and_builder(tmp_path):
   got = sorted((int(src[i]["index"]), tfds_builders.decode_bench(src[i])) for i in range(len(src)))
   assert [g[1] for g in got] == recs and meta["bad_records_skipped"] == 2
   assert tfds_builders.load_bench(path, str(tmp_path / "cache"), skip_bad=True) == recs
-
-
-def test_tfds_build_reuses_and_rebuilds(tmp_path):
-  cache = str(tmp_path / "cache")
-  path = F.write_json(tmp_path / "d.json", GOOD)
-  src, meta = tfds_builders.build_dataset(path, cache)
-  assert len(src) == 4
-  s = tfds_builders.decode_sample(src[1])
-  assert s.turns == tuple(t["value"] for t in GOOD[1]["conversations"]) and s.source == GOOD[1]["source"]
-  src2, meta2 = tfds_builders.build_dataset(path, cache)
-  assert meta2["fingerprint"] == meta["fingerprint"]
-  F.write_json(path, GOOD + GOOD[:1])                 # content changed -> new build
-  src3, meta3 = tfds_builders.build_dataset(path, cache)
-  assert meta3["fingerprint"] != meta["fingerprint"] and len(src3) == 5
-  built = os.listdir(os.path.join(cache, "tfds", "apollo_moe_dataset"))
-  assert len(built) == 2 and all(b.startswith("h") for b in built)
-  assert json.load(open(os.path.join(cache, "tfds", "apollo_moe_dataset", built[0], "1.0.0",
-                                     tfds_builders.STATS_FILE)))["bad_records_skipped"] == 0

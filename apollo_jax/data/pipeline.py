@@ -1,5 +1,8 @@
 """make_data(config, cache_dir, process_index, process_count): the training and eval data.
 
+Records come pre-tokenised from token_cache (built once per data/tokenizer change); rows only read
+their samples' arrays and pack them. Data.steps_for_epochs(e) converts epochs into steps.
+
 Train stream: epoch e orders the train records by priority (mixture.order with seed
 (data.order_seed, e)), packs them greedily into rows (packing.plan_rows) and the epochs are
 concatenated into one endless stream of rows. Step s uses global rows [s*G, (s+1)*G) with
@@ -12,7 +15,8 @@ iterator has its own state format: resume with the same num_workers.)
 Eval: the held-out records (a seeded `data.eval_fraction` of train_files, or data.eval_files) in a
 fixed seeded order, packed once; eval_batches() yields at most config.eval_batches batches, the
 last one padded with empty rows (loss_mask 0) so every batch has the same shape
-(config.eval_batches <= 0: all of them).
+(config.eval_batches <= 0: all of them). An empty eval split is not an error: skip_empty_eval()
+turns evaluation off with a logged note.
 """
 
 import dataclasses
@@ -23,8 +27,7 @@ from collections import Counter
 import numpy as np
 
 from apollo_jax import languages
-from apollo_jax.data import corpus as corpus_lib
-from apollo_jax.data import mixture, packing
+from apollo_jax.data import mixture, packing, token_cache
 from apollo_jax.data import tokenizer as tok_lib
 
 
@@ -34,6 +37,11 @@ class Data:
   eval_batches: object          # () -> fresh finite iterator of batches
   tokenizer: object
   stats: dict
+  rows: object = None           # TrainRows: steps_for_epochs(), epoch_rows()
+
+  def steps_for_epochs(self, epochs: float) -> int:
+    """Optimizer steps that cover `epochs` passes over the train split (fractions allowed)."""
+    return self.rows.steps_for_epochs(epochs)
 
 
 class TrainRows:
@@ -86,6 +94,18 @@ class TrainRows:
       epoch = int(np.searchsorted(self._row_starts, g, side="right")) - 1
       return epoch, g - self._row_starts[epoch]
 
+  def epoch_rows(self, epoch: int) -> int:
+    """Packed rows of one epoch (epochs differ slightly: each has its own order)."""
+    return len(self.plan(epoch)[1]) - 1
+
+  def steps_for_epochs(self, epochs: float) -> int:
+    if epochs <= 0:
+      raise ValueError(f"epochs={epochs} must be > 0")
+    whole = int(epochs)
+    rows = sum(self.epoch_rows(e) for e in range(whole))
+    rows += (epochs - whole) * self.epoch_rows(whole) if epochs > whole else 0
+    return max(1, int(np.ceil(rows / self.global_batch)))
+
   def global_row(self, i):
     step, j = divmod(int(i), self.local)
     return step * self.global_batch + self.process_index * self.local + j
@@ -94,7 +114,7 @@ class TrainRows:
     epoch, row = self.locate(self.global_row(i))
     order, offsets = self.plan(epoch)
     ids = order[offsets[row]:offsets[row + 1]]
-    return packing.pack_row([self.corpus.sample(k) for k in ids], self.seq_len, self.pad_id, self.mode)
+    return packing.pack_row(self.corpus.samples(ids), self.seq_len, self.pad_id, self.mode)
 
 
 def split_eval(n, fraction, seed):
@@ -121,7 +141,7 @@ def eval_rows_fn(corpus, ids, config, process_index, process_count):
   def row(r):
     if r >= n_rows:
       return packing.empty_row(d.seq_len, pad)
-    return packing.pack_row([corpus.sample(k) for k in order[offsets[r]:offsets[r + 1]]], d.seq_len, pad,
+    return packing.pack_row(corpus.samples(order[offsets[r]:offsets[r + 1]]), d.seq_len, pad,
                             d.packing)
 
   def eval_batches():
@@ -156,10 +176,12 @@ def make_data(config, cache_dir, process_index=0, process_count=1):
   if tok.vocab_size > vocab:
     raise ValueError(f"tokenizer {d.tokenizer} has {tok.vocab_size} tokens but model.vocab_size={vocab}; "
                      "raise model.vocab_size (ids beyond it would be silently clipped)")
-  train = corpus_lib.open_corpus(d.train_files, cache_dir, tok, d.skip_bad_records)
+  corpus = lambda files: token_cache.open_corpus(files, cache_dir, tok, d.skip_bad_records, d.build_workers,
+                                                 process_index)
+  train = corpus(d.train_files)
   bad = train.meta["bad_records_skipped"]
   if d.eval_files:
-    ev = corpus_lib.open_corpus(d.eval_files, cache_dir, tok, d.skip_bad_records)
+    ev = corpus(d.eval_files)
     bad += ev.meta["bad_records_skipped"]
     train_ids, eval_ids = np.arange(len(train)), np.arange(len(ev))
   else:
@@ -200,5 +222,18 @@ def make_data(config, cache_dir, process_index=0, process_count=1):
     logging.warning("%d samples are longer than data.seq_len=%d and are truncated", truncated, d.seq_len)
   logging.info("data: %s", {k: v for k, v in stats.items() if k != "train_samples_per_language"})
   train_iter = _grain_iter(rows, g // process_count, d.num_workers)
-  return Data(train_iter, eval_batches, tok, stats)
+  return Data(train_iter, eval_batches, tok, stats, rows)
+
+
+def skip_empty_eval(config, data):
+  """config, with eval_every=0 and a logged note when there is nothing to evaluate (e.g. the big
+  configs' data.eval_fraction=0 without data.eval_files), instead of failing at the first eval."""
+  if data.stats["eval_rows"] or config.eval_every <= 0:
+    return config
+  logging.warning("no evaluation: the eval split is empty (data.eval_fraction=%g, data.eval_files=%r); set "
+                  "data.eval_files=... or data.eval_fraction>0 to evaluate", config.data.eval_fraction,
+                  config.data.eval_files)
+  config = config.copy_and_resolve_references()
+  config.eval_every = 0
+  return config
 

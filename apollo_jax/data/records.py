@@ -8,17 +8,21 @@ Both become `Sample(source, language, turns, where)` (turns alternate user/assis
 index comes from the source key, SPEC §4.5). ApolloMoEBench is a list of
 {"question", "options", "answer", "source", ["context", "class"]}.
 
-Bad input never passes silently: every problem raises a ValueError naming the file and the
-record, or, with skip_bad=True, is collected in a `BadRecords` tally (count + first reasons).
+Files are parsed streaming (stream_json.py): one record at a time, never the whole file. Bad input
+never passes silently: every problem raises a ValueError naming the file, line and record, or, with
+skip_bad=True, is collected in a `BadRecords` tally (count + first reasons).
+
+A conversation may end on a user turn (odd number of turns), as the original accepts (SPEC §5.3):
+the template then ends with that user turn and EOS.
 """
 
 import dataclasses
 import glob
-import json
 import logging
 import os
 
 from apollo_jax import languages
+from apollo_jax.data import stream_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,24 +68,11 @@ def expand_files(spec: str) -> list:
   return out
 
 
-def load_json(path: str):
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-  except UnicodeDecodeError as e:
-    raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-
-
 def _check_turns(turns, where):
   if not isinstance(turns, list):
     raise BadRecord(f"{where}: conversation must be a list, got {type(turns).__name__}")
   if not turns:
     raise BadRecord(f"{where}: empty conversation")
-  if len(turns) % 2:
-    raise BadRecord(f"{where}: odd number of turns ({len(turns)}); turns must alternate user, "
-                    "assistant and end with an assistant answer")
   for j, t in enumerate(turns):
     if not isinstance(t, str):
       raise BadRecord(f"{where}: turn {j} value must be a string, got {type(t).__name__}")
@@ -127,41 +118,36 @@ def _guarded(make, bad):
     return None
 
 
-def _where(path, i, item, source=None):
+def _where(path, i, item, line=None, source=None):
   src = source if source is not None else (item.get("source") if isinstance(item, dict) else None)
-  return f"{path}: record {i} (source {src!r})"
+  return f"{path}: record {i} (source {src!r})" + ("" if line is None else f" on line {line}")
 
 
-def _conversation_list(items, where):
-  if not isinstance(items, list):
-    raise BadRecord(f"{where}: value must be a list of conversations, got {type(items).__name__}")
-  return items
+def _not_a_list(items, where):
+  raise BadRecord(f"{where}: value must be a list of conversations, got {type(items).__name__}")
 
 
-def iter_dataset_file(path: str, bad: BadRecords | None = None):
-  """Yield the Samples of one ApolloMoEDataset file (either form), in file order.
+DATASET_TOP = ("{path}: expected a JSON list (ApolloMoEDataset) or an object {{source_key: [[turn, ...], ...]}} "
+               "(extracted form), got {got}")
+
+
+def iter_dataset_file(path: str, bad: BadRecords | None = None, on_read=None):
+  """Yield the Samples of one ApolloMoEDataset file (either form), in file order, streaming.
 
   bad=None: the first bad record raises ValueError; else bad records are skipped and tallied.
+  on_read(n_bytes): progress callback as the file is read.
   """
-  data = load_json(path)
-  if isinstance(data, list):
-    for i, item in enumerate(data):
-      where = _where(path, i, item)
+  for source, i, item, line in stream_json.iter_items(path, DATASET_TOP, on_read):
+    if source is None:                    # list form
+      where = _where(path, i, item, line)
       s = _guarded(lambda: _list_record(item, where), bad)
-      if s is not None:
-        yield s
-  elif isinstance(data, dict):
-    for source, items in data.items():
-      items = _guarded(lambda: _conversation_list(items, f"{path}: source {source!r}"), bad)
-      for i, turns in enumerate(items or ()):
-        where = _where(path, i, None, source)
-        s = _guarded(lambda: Sample(source, _language(source, where), _check_turns(turns, where), where),
-                     bad)
-        if s is not None:
-          yield s
-  else:
-    raise ValueError(f"{path}: expected a JSON list (ApolloMoEDataset) or an object "
-                     f"{{source_key: [[turn, ...], ...]}} (extracted form), got {type(data).__name__}")
+    elif i is None:                       # extracted form, a value that is not a list
+      s = _guarded(lambda: _not_a_list(item, f"{path}: source {source!r} on line {line}"), bad)
+    else:
+      where = _where(path, i, None, line, source)
+      s = _guarded(lambda: Sample(source, _language(source, where), _check_turns(item, where), where), bad)
+    if s is not None:
+      yield s
 
 
 def read_dataset(files, skip_bad: bool = False):
@@ -194,11 +180,9 @@ def read_bench(files, skip_bad: bool = False):
   bad = BadRecords() if skip_bad else None
   out = []
   paths = expand_files(files) if isinstance(files, str) else list(files)
+  top = "{path}: ApolloMoEBench must be a JSON list of records, got {got}"
   for path in paths:
-    data = load_json(path)
-    if not isinstance(data, list):
-      raise ValueError(f"{path}: ApolloMoEBench must be a JSON list of records, got {type(data).__name__}")
-    for i, item in enumerate(data):
+    for _, i, item, _ in stream_json.iter_items(path, top, objects=False):
       rec = _guarded(lambda: _bench_record(item, _where(path, i, item)), bad)
       if rec is not None:
         out.append(rec)

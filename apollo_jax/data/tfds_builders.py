@@ -1,15 +1,15 @@
-"""TFDS builders for the local ApolloMoEDataset / ApolloMoEBench files (array_record, no TensorFlow).
+"""TFDS builder for local ApolloMoEBench files (array_record, no TensorFlow).
 
 The JSON is parsed and validated once (records.py) and written under
 `<cache_dir>/tfds/<builder>/h<content hash>/1.0.0/`; the config name is a hash of the input files'
 bytes (and of skip_bad), so editing, adding or removing a file rebuilds automatically and an
 unchanged input is reused. Records keep their file order (disable_shuffling) and carry their
 global `index` too, so readers never depend on TFDS's write order. Read back with
-`builder.as_data_source(split="train")` (random access, what grain needs).
+`builder.as_data_source(split="train")` (random access). (Training data is pre-tokenised
+instead: token_cache.py.)
 """
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -18,7 +18,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from apollo_jax.data import records
+from apollo_jax.data import records, token_cache
 
 FORMAT_VERSION = "apollo_jax-data-1"       # bump when the stored features change
 STATS_FILE = "apollo_build_stats.json"
@@ -45,12 +45,6 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
       yield i, dict(row, index=i)
 
 
-class ApolloMoeDataset(_LocalBuilder):
-  """ApolloMoEDataset conversations (list or extracted form): source, language index, turns."""
-  FEATURES = {"index": np.int64, "language": np.int32, "source": tfds.features.Text(),
-              "turns": tfds.features.Sequence(tfds.features.Text())}
-
-
 class ApolloMoeBench(_LocalBuilder):
   """ApolloMoEBench multiple-choice records."""
   FEATURES = {"index": np.int64, **{k: tfds.features.Text() for k in records.BENCH_FIELDS + ("context", "class")}}
@@ -65,18 +59,6 @@ def fingerprint(paths, extra: str = "") -> str:
       for chunk in iter(lambda: f.read(1 << 22), b""):
         h.update(chunk)
   return h.hexdigest()[:20]
-
-
-@contextlib.contextmanager
-def _locked(cache_dir):
-  """Several processes on one host share the cache: one builds, the others wait and reuse."""
-  os.makedirs(cache_dir, exist_ok=True)
-  with open(os.path.join(cache_dir, ".build.lock"), "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -95,7 +77,7 @@ def _quiet_tfds():
 def _build(cls, files, cache_dir, skip_bad, read_fn, to_row):
   paths = records.expand_files(files) if isinstance(files, str) else list(files)
   fp = fingerprint(paths, f"skip_bad={bool(skip_bad)}")
-  with _locked(cache_dir), _quiet_tfds():
+  with token_cache.locked(os.path.join(cache_dir, ".build.lock")), _quiet_tfds():
     builder = cls(config=tfds.core.BuilderConfig(name=f"h{fp}"), data_dir=os.path.join(cache_dir, "tfds"),
                   file_format="array_record")
     stats_path = os.path.join(builder.data_dir, STATS_FILE)
@@ -123,13 +105,6 @@ def _build(cls, files, cache_dir, skip_bad, read_fn, to_row):
   return builder.as_data_source(split="train"), meta
 
 
-def build_dataset(files, cache_dir: str, skip_bad: bool = False):
-  """(array_record data source, meta) for ApolloMoEDataset files; meta has num_records,
-  bad_records_skipped, bad_reasons, fingerprint. Each element: {index, language, source, turns}."""
-  return _build(ApolloMoeDataset, files, cache_dir, skip_bad, records.read_dataset,
-                lambda s: {"language": s.language, "source": s.source, "turns": list(s.turns)})
-
-
 def build_bench(files, cache_dir: str, skip_bad: bool = False):
   """(data source, meta) for ApolloMoEBench files."""
   return _build(ApolloMoeBench, files, cache_dir, skip_bad, records.read_bench, dict)
@@ -137,12 +112,6 @@ def build_bench(files, cache_dir: str, skip_bad: bool = False):
 
 def _text(x):
   return x.decode("utf-8") if isinstance(x, bytes) else str(x)
-
-
-def decode_sample(element) -> records.Sample:
-  """Data-source element -> Sample (TFDS returns text as bytes)."""
-  return records.Sample(_text(element["source"]), int(element["language"]),
-                        tuple(_text(t) for t in element["turns"]))
 
 
 def decode_bench(element) -> dict:

@@ -1,0 +1,252 @@
+"""Build the pre-tokenised corpus once (corpus.py describes the files): streaming parse, chat
+template and tokenisation in parallel worker processes, one array_record of token ids + labels.
+
+Cache key (cheap to check on every start, no re-hash of 13.5 GB): CACHE_VERSION (bump when the
+record layout changes), the source of chat.py (the template; any edit rebuilds), the tokenizer
+file's hash, skip_bad, and per input file its name, size, mtime and a hash of its first and last MiB. Trade-off: an edit that keeps size, mtime,
+head and tail identical is not noticed (only deliberate tampering does that); copying the data
+without keeping mtimes (`cp` without -p) rebuilds although nothing changed, which is safe.
+
+Concurrency: processes on one host take a file lock; the first builds into a temporary folder
+renamed into place at the end, the others wait and reuse it. A remote cache_dir (gs://... or any
+etils epath) is mirrored to local disk (array_record reads local files): process 0 builds and
+uploads (meta.json last = complete), the other hosts wait for it and download.
+"""
+
+import collections
+import contextlib
+import fcntl
+import hashlib
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import socket
+import tempfile
+import time
+from array import array
+
+import numpy as np
+
+from apollo_jax.data import chat, corpus, records
+from apollo_jax.data import tokenizer as tok_lib
+
+CACHE_VERSION = "apollo_jax-tokens-1"
+CHUNK_RECORDS = 512                  # records per task sent to a worker process
+WAIT_POLL_S = 5.0
+
+
+def file_key(path) -> str:
+  st = os.stat(path)
+  h = hashlib.sha256(f"{os.path.basename(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+  with open(path, "rb") as f:
+    h.update(f.read(1 << 20))
+    f.seek(max(0, st.st_size - (1 << 20)))
+    h.update(f.read(1 << 20))
+  return h.hexdigest()
+
+
+def cache_key(paths, tokenizer, skip_bad) -> str:
+  h = hashlib.sha256(f"{CACHE_VERSION}|{tok_lib.fingerprint(tokenizer)}|skip_bad={bool(skip_bad)}".encode())
+  with open(chat.__file__, "rb") as f:
+    h.update(f.read())
+  for p in paths:
+    h.update(file_key(p).encode())
+  return h.hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def locked(path):
+  """Exclusive lock on `path` (a lock file) shared by the processes of one host."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def is_remote(path) -> bool:
+  return "://" in str(path) and not str(path).startswith("file://")
+
+
+# ---------------------------------------------------------------------------- tokenising workers
+
+_ENCODER = None
+
+
+def _init_worker(tokenizer):
+  global _ENCODER
+  _ENCODER = chat.ChatEncoder(tokenizer)
+
+
+def _encode_chunk(chunk, encoder=None):
+  """[(language, source id, turns)] -> [record bytes], lengths."""
+  enc = encoder or _ENCODER
+  out, lengths = [], []
+  for language, source_id, turns in chunk:
+    ids, labels = enc(turns)
+    out.append(corpus.encode_record(language, source_id, ids, labels, enc.eos))
+    lengths.append(len(ids))
+  return out, lengths
+
+
+def encoded_chunks(chunks, tokenizer, workers):
+  """Encoded chunks in input order. The first chunk is encoded here; later ones on `workers`
+  spawned processes (none for a one-chunk corpus), with at most 2 * workers chunks in flight."""
+  chunks = iter(chunks)
+  encoder = chat.ChatEncoder(tokenizer)
+  first = next(chunks, None)
+  if first is None:
+    return
+  yield _encode_chunk(first, encoder)
+  second = next(chunks, None)
+  if second is None:
+    return
+  rest = itertools.chain([second], chunks)
+  if workers <= 1:
+    yield from (_encode_chunk(c, encoder) for c in rest)
+    return
+  ctx = multiprocessing.get_context("spawn")       # fork is unsafe in a process running JAX threads
+  with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+    pending = collections.deque()
+    for c in rest:
+      pending.append(pool.apply_async(_encode_chunk, (c,)))
+      if len(pending) >= 2 * workers:
+        yield pending.popleft().get()
+    while pending:
+      yield pending.popleft().get()
+
+
+def default_workers(workers: int) -> int:
+  if workers > 0:
+    return workers
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------- build
+
+def _tmp_name(path):
+  """A fresh temporary sibling of `path`, unique per host and process (shared file systems)."""
+  tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  return tmp
+
+
+def _progress(total):
+  from tqdm import auto as tqdm
+  return tqdm.tqdm(total=total, unit="B", unit_scale=True, desc="tokenising the corpus (once)", mininterval=2.0)
+
+
+def build(paths, tokenizer, skip_bad, workers, out_dir):
+  """Parse, tokenise and write `paths` into out_dir (via a temporary folder renamed at the end)."""
+  tmp = _tmp_name(out_dir)
+  shutil.rmtree(out_dir, ignore_errors=True)           # an unfinished earlier build
+  os.makedirs(tmp)
+  from array_record.python import array_record_module
+  bad = records.BadRecords() if skip_bad else None
+  names, lengths, langs, sids = {}, array("q"), array("i"), array("i")
+  t0 = time.time()
+  progress = _progress(sum(os.path.getsize(p) for p in paths))
+
+  def chunks():
+    items = (s for p in paths for s in records.iter_dataset_file(p, bad, progress.update))
+    for group in iter(lambda: list(itertools.islice(items, CHUNK_RECORDS)), []):
+      chunk = [(s.language, names.setdefault(s.source, len(names)), s.turns) for s in group]
+      langs.extend(c[0] for c in chunk)
+      sids.extend(c[1] for c in chunk)
+      yield chunk
+
+  try:
+    writer = array_record_module.ArrayRecordWriter(os.path.join(tmp, corpus.RECORDS), "group_size:1")
+    try:
+      for recs, lens in encoded_chunks(chunks(), tokenizer, default_workers(workers)):
+        for r in recs:
+          writer.write(r)
+        lengths.extend(lens)
+    finally:
+      writer.close()
+      progress.close()
+    bad = bad or records.BadRecords()
+    if not len(lengths):
+      raise ValueError(f"no valid records in {paths}" + (f" ({bad.count} bad ones skipped)" if bad.count else ""))
+    np.savez(os.path.join(tmp, corpus.META_NPZ), lengths=np.asarray(lengths, np.int64),
+             languages=np.asarray(langs, np.int32), source_ids=np.asarray(sids, np.int32),
+             source_names=np.array(list(names), dtype=str))
+    secs = time.time() - t0
+    meta = {"files": [str(p) for p in paths], "num_records": len(lengths), "tokens": int(sum(lengths)),
+            "bad_records_skipped": bad.count, "bad_reasons": bad.reasons, "eos_id": int(tokenizer.eos_id),
+            "version": CACHE_VERSION, "build_seconds": round(secs, 2), "build_workers": default_workers(workers),
+            "build_pid": os.getpid()}
+    with open(os.path.join(tmp, corpus.META_JSON), "w") as f:
+      json.dump(meta, f, indent=1)
+    os.replace(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  logging.info("tokenised %d records (%d tokens) in %.1f s: %.0f records/s, %.0f tokens/s -> %s",
+               meta["num_records"], meta["tokens"], secs, meta["num_records"] / secs, meta["tokens"] / secs, out_dir)
+
+
+# ---------------------------------------------------------------------------- remote cache dirs
+
+def _copy_dir(src, dst):
+  """Copy the cache files src -> dst (any epath on either side); meta.json last marks it complete."""
+  from etils import epath
+  src, dst = epath.Path(src), epath.Path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  for name in (corpus.RECORDS, corpus.META_NPZ, corpus.META_JSON):
+    with (src / name).open("rb") as r, (dst / f"{name}.partial").open("wb") as w:
+      shutil.copyfileobj(r, w, 1 << 24)
+    (dst / f"{name}.partial").rename(dst / name)
+
+
+def _mirror(cache_dir, key, local, is_builder, build_fn, wait_s=None):
+  """Make `local` hold the build `key` of the remote cache_dir: download it, or build it here and
+  upload it (is_builder: process 0), or wait for process 0 to upload it."""
+  from etils import epath
+  remote = epath.Path(cache_dir) / "tokens" / key
+  if not (remote / corpus.META_JSON).exists():
+    if is_builder:
+      build_fn()
+      _copy_dir(local, remote)
+      return
+    t0 = time.time()
+    while not (remote / corpus.META_JSON).exists():
+      if wait_s is not None and time.time() - t0 > wait_s:
+        raise TimeoutError(f"waited {wait_s:.0f} s for process 0 to build the token cache {remote}; "
+                           "is process 0 running with the same data.train_files and data.tokenizer?")
+      logging.info("waiting for process 0 to build the token cache %s", remote)
+      time.sleep(WAIT_POLL_S)
+  tmp = _tmp_name(local)
+  _copy_dir(remote, tmp)
+  os.replace(tmp, local)
+
+
+def local_root(cache_dir) -> str:
+  if not is_remote(cache_dir):
+    return str(cache_dir).removeprefix("file://")
+  h = hashlib.sha256(str(cache_dir).encode()).hexdigest()[:12]
+  return os.path.join(tempfile.gettempdir(), "apollo_jax_data_cache", h)
+
+
+def open_corpus(files, cache_dir, tokenizer, skip_bad=False, workers=0, process_index=0, wait_s=None):
+  """The Corpus of `files` under cache_dir (a local path or any etils epath), built if needed."""
+  paths = records.expand_files(files) if isinstance(files, str) else list(files)
+  key = cache_key(paths, tokenizer, skip_bad)
+  root = local_root(cache_dir)
+  local = os.path.join(root, "tokens", key)
+  with locked(os.path.join(root, "tokens", f"{key}.lock")):
+    if not corpus.is_complete(local):
+      if not is_remote(cache_dir):
+        build(paths, tokenizer, skip_bad, workers, local)
+      else:
+        _mirror(cache_dir, key, local, process_index == 0, lambda: build(paths, tokenizer, skip_bad, workers, local),
+                wait_s)
+  c = corpus.Corpus(local, tokenizer)
+  if c.meta["bad_records_skipped"]:          # a reused cache still says so, never silently
+    records.BadRecords(c.meta["bad_records_skipped"], c.meta["bad_reasons"]).log()
+  return c
