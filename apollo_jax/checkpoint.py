@@ -7,23 +7,40 @@ leaves the previous step as the latest complete checkpoint (JAX_NOTES e).
 
 The data iterator's `get_state()` is taken in the caller's thread at save time (it must match the
 batches consumed so far; a background writer would read a later position), gathered from every
-process and stored as JSON by process 0 under data/: {"process_count": n, "states": [...]}.
+process and stored as JSON by process 0 under data/: {"process_count": n, "global_batch": g,
+"states": [...]}. When every process saved the same position (the grain iterator's state is the
+step), a run with another number of processes resumes from it; otherwise it must keep the count.
+
+Restores go straight onto the target shardings (any mesh). A checkpoint whose experts were padded
+for another expert axis (e.g. 7 real experts padded to 8 for mesh.expert=2, resumed with
+mesh.expert=1 and no padding, or 7 -> 8) is read at its saved size and re-padded on device
+(`repad_on_device`), params and optimizer moments alike. The workdir may be any etils/epath path
+(gs://...): Orbax writes through it.
 """
 
 import base64
+import functools
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+def workdir_path(workdir: str) -> epath.Path:
+  """epath for a workdir: URIs (gs://bucket/run) as given, local paths made absolute."""
+  return epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
 
 
 class Checkpointer:
 
   def __init__(self, workdir: str, config):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = str(workdir_path(workdir) / "checkpoints")
+    self.global_batch = config.global_batch
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.ckpt.keep, enable_async_checkpointing=config.ckpt.async_save,
         create=True, cleanup_tmp_directories=True)
@@ -40,26 +57,39 @@ class Checkpointer:
     """Starts an async save of `state` and the iterator position; False if `step` exists."""
     if step in self.manager.all_steps():
       return False
-    data = {"process_count": jax.process_count(), "states": gather_iterator_states(data_iter)}
+    data = {"process_count": jax.process_count(), "global_batch": self.global_batch,
+            "states": gather_iterator_states(data_iter)}
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True)
 
   def restore(self, step: int, abstract_state, shardings, data_iter=None):
     """State restored onto `shardings` (any mesh); sets `data_iter` to the saved position."""
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_state, shardings)
+    saved = saved_num_experts(epath.Path(self.directory) / str(step) / "state")
+    target = restore_target(abstract_state, shardings, saved)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     if data_iter is not None:
-      data = restored["data"]
-      if data["process_count"] != jax.process_count():
-        raise ValueError(
-            f"checkpoint step {step} in {self.directory} was written by {data['process_count']} "
-            f"processes, this run has {jax.process_count()}: the data position cannot be mapped. "
-            "Resume with the same number of processes (the mesh may differ), or start a new workdir "
-            "with --config.init_from pointing at exported params.")
-      data_iter.set_state(_decode(data["states"][jax.process_index()]))
-    return restored["state"]
+      data_iter.set_state(_decode(self._position(step, restored["data"])))
+    return repad_on_device(restored["state"], abstract_state, shardings)
+
+  def _position(self, step, data):
+    """This process's saved iterator state, mapped to another process count when possible."""
+    where = f"checkpoint step {step} in {self.directory}"
+    if data.get("global_batch", self.global_batch) != self.global_batch:
+      raise ValueError(
+          f"{where} was trained with global_batch={data['global_batch']}, this run has "
+          f"{self.global_batch}: the data position would shift. Resume with "
+          f"--config.global_batch={data['global_batch']} or start a new workdir (with init_from).")
+    states = data["states"]
+    if data["process_count"] == jax.process_count():
+      return states[jax.process_index()]
+    if len(set(states)) == 1:          # every process was at the same step: any layout can go on
+      return states[0]
+    raise ValueError(
+        f"{where} was written by {data['process_count']} processes, this run has "
+        f"{jax.process_count()}, and their saved data positions differ (data.num_workers > 0?), so "
+        "they cannot be mapped. Resume with the same number of processes (the mesh may differ), or "
+        "start a new workdir with --config.init_from pointing at exported params.")
 
   def wait(self):
     """Blocks until every pending async save is committed."""
@@ -68,6 +98,64 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+# ------------------------------------------------------------------------------ expert padding
+
+def _is_expert_leaf(path) -> bool:
+  return any(getattr(k, "key", None) == "experts" for k in path)
+
+
+def saved_num_experts(state_dir):
+  """Padded expert count (dim 0 of `experts` leaves) of an Orbax tree on disk; None if no MoE."""
+  tree = ocp.StandardCheckpointer().metadata(str(state_dir)).item_metadata.tree
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if _is_expert_leaf(path) and getattr(leaf, "shape", None):
+      return int(leaf.shape[0])
+  return None
+
+
+def restore_target(abstract, shardings, saved_experts):
+  """ShapeDtypeStructs to restore onto: the target's, except expert leaves at their saved size,
+  unsharded on that dim (the saved count need not divide the expert axis)."""
+  def leaf(path, a, s):
+    if saved_experts is None or not _is_expert_leaf(path) or a.shape[0] == saved_experts:
+      return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+    spec = (None,) + tuple(s.spec)[1:]
+    return jax.ShapeDtypeStruct((saved_experts,) + a.shape[1:], a.dtype,
+                                sharding=NamedSharding(s.mesh, P(*spec)))
+  return jax.tree_util.tree_map_with_path(leaf, abstract, shardings)
+
+
+def _resize(x, n):
+  if n >= x.shape[0]:
+    return jnp.concatenate([x, jnp.zeros((n - x.shape[0],) + x.shape[1:], x.dtype)]), jnp.bool_(False)
+  return x[:n], jnp.any(x[n:] != 0)
+
+
+def repad_on_device(tree, abstract, shardings):
+  """Zero-pad or trim expert leaves to the target's padded count, onto the target shardings. Only
+  padded (all-zero) experts may be trimmed: a real expert never is."""
+  def leaf(path, x, a, s):
+    if x.shape == a.shape:
+      return x
+    resize = jax.jit(functools.partial(_resize, n=a.shape[0]),
+                     out_shardings=(s, NamedSharding(s.mesh, P())))
+    y, dropped_nonzero = resize(x)
+    if bool(dropped_nonzero):
+      raise ValueError(f"{jax.tree_util.keystr(path)}: the checkpoint has non-zero experts beyond the "
+                       f"{a.shape[0]} this config pads to; check config.moe.num_experts")
+    return y
+  return jax.tree_util.tree_map_with_path(leaf, tree, abstract, shardings)
+
+
+def restore_onto(params_dir, abstract, shardings):
+  """A StandardCheckpointer tree (e.g. convert_from_hf's OUT/params) restored onto `shardings`,
+  experts re-padded to this mesh."""
+  target = restore_target(abstract, shardings, saved_num_experts(params_dir))
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.restore(str(params_dir), target)
+  return repad_on_device(tree, abstract, shardings)
 
 
 def _encode(state) -> str:
