@@ -19,7 +19,6 @@ mesh.expert=1 and no padding, or 7 -> 8) is read at its saved size and re-padded
 """
 
 import base64
-import functools
 import json
 import os
 
@@ -127,26 +126,33 @@ def restore_target(abstract, shardings, saved_experts):
   return jax.tree_util.tree_map_with_path(leaf, abstract, shardings)
 
 
-def _resize(x, n):
-  if n >= x.shape[0]:
-    return jnp.concatenate([x, jnp.zeros((n - x.shape[0],) + x.shape[1:], x.dtype)]), jnp.bool_(False)
-  return x[:n], jnp.any(x[n:] != 0)
-
-
 def repad_on_device(tree, abstract, shardings):
-  """Zero-pad or trim expert leaves to the target's padded count, onto the target shardings. Only
-  padded (all-zero) experts may be trimmed: a real expert never is."""
-  def leaf(path, x, a, s):
-    if x.shape == a.shape:
-      return x
-    resize = jax.jit(functools.partial(_resize, n=a.shape[0]),
-                     out_shardings=(s, NamedSharding(s.mesh, P())))
-    y, dropped_nonzero = resize(x)
-    if bool(dropped_nonzero):
-      raise ValueError(f"{jax.tree_util.keystr(path)}: the checkpoint has non-zero experts beyond the "
-                       f"{a.shape[0]} this config pads to; check config.moe.num_experts")
-    return y
-  return jax.tree_util.tree_map_with_path(leaf, tree, abstract, shardings)
+  """Zero-pad or trim expert leaves to the target's padded count, onto the target shardings (one
+  jit for all of them). Only padded (all-zero) experts may be trimmed: a real expert never is."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  want, shard = jax.tree.leaves(abstract), jax.tree.leaves(shardings)
+  todo = [i for i, (_, x) in enumerate(leaves) if x.shape != want[i].shape]
+  if not todo:
+    return tree
+  sizes = tuple(want[i].shape[0] for i in todo)
+
+  def resize(xs):
+    out, dropped = [], []
+    for x, n in zip(xs, sizes):
+      pad = jnp.zeros((max(n - x.shape[0], 0),) + x.shape[1:], x.dtype)
+      out.append(jnp.concatenate([x[:n], pad]))
+      dropped.append(jnp.any(x[n:] != 0))
+    return out, jnp.stack(dropped)
+  rep = NamedSharding(shard[0].mesh, P())
+  out, dropped = jax.jit(resize, out_shardings=([shard[i] for i in todo], rep))([leaves[i][1] for i in todo])
+  for i, bad in zip(todo, np.asarray(dropped)):
+    if bad:
+      raise ValueError(f"{jax.tree_util.keystr(leaves[i][0])}: the checkpoint has non-zero experts beyond "
+                       f"the {want[i].shape[0]} this config pads to; check config.moe.num_experts")
+  new = [x for _, x in leaves]
+  for i, y in zip(todo, out):
+    new[i] = y
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), new)
 
 
 def restore_onto(params_dir, abstract, shardings):

@@ -1,0 +1,390 @@
+"""One command from an HF checkpoint, big-config preflight, epochs, one-paragraph CLI errors,
+gs:// workdirs (through fsspec), resume across expert padding and process counts, SIGTERM sync."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import data_fixtures
+import train_fixtures as tf
+from apollo_jax import checkpoint, cli, config as cfg, metrics, run_setup
+from apollo_jax import train_step as ts
+from apollo_jax.model import transformer
+from apollo_jax import optimizer, sharding
+
+HF_DIMS = dict(vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6,
+               rms_norm_eps=1e-6)
+
+
+def _qwen2_tensors(rng, V=640, H=64, I=128, L=4, heads=4, kv=2):
+  """Random tensors under the names and [out, in] shapes of HF Qwen2 (tied embeddings)."""
+  hd = H // heads
+  shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+  for i in range(L):
+    p = f"model.layers.{i}."
+    shapes.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+                   p + "self_attn.q_proj.weight": (heads * hd, H), p + "self_attn.q_proj.bias": (heads * hd,),
+                   p + "self_attn.k_proj.weight": (kv * hd, H), p + "self_attn.k_proj.bias": (kv * hd,),
+                   p + "self_attn.v_proj.weight": (kv * hd, H), p + "self_attn.v_proj.bias": (kv * hd,),
+                   p + "self_attn.o_proj.weight": (H, heads * hd), p + "mlp.gate_proj.weight": (I, H),
+                   p + "mlp.up_proj.weight": (I, H), p + "mlp.down_proj.weight": (H, I)})
+  return {k: (0.05 * rng.standard_normal(v)).astype(np.float32) for k, v in shapes.items()}
+
+
+@pytest.fixture(scope="module")
+def hf_dense(tmp_path_factory):
+  """A tiny dense Qwen2 HF dir as save_pretrained lays it out (config.json, model.safetensors,
+  tokenizer.json), written without torch so that it costs no torch import."""
+  import safetensors.numpy
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  d = str(tmp_path_factory.mktemp("qwen2_dense"))
+  hf_config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+               "max_position_embeddings": 4096, "initializer_range": 0.02, "use_sliding_window": False,
+               "torch_dtype": "float32", **HF_DIMS}
+  with open(os.path.join(d, "config.json"), "w") as f:
+    json.dump(hf_config, f)
+  sd = _qwen2_tensors(np.random.default_rng(0))
+  safetensors.numpy.save_file(sd, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  convs = data_fixtures.make_conversations(0)
+  lines = [t for items in convs.values() for turns in items for t in turns] + ["User:", "\nAssistant:"]
+  tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.save(os.path.join(d, "tokenizer.json"))
+  return d, sd
+
+
+def _config(**kw):
+  """The tiny config at vocab 640; keyword `a__b=v` sets field a.b."""
+  c = cfg.load("tiny")
+  c.model.vocab_size = 640
+  for k, v in kw.items():
+    *path, leaf = k.split("__")
+    node = c
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+# ---------------------------------------------------------------------- one command from HF
+
+@pytest.mark.slow
+def test_train_from_dense_hf_dir_one_command(hf_dense, data, jit_cache, tmp_path):
+  """init_from=<dense HF dir>, no tokenizer given, steps from epochs: the run upcycles on the fly,
+  tokenises with the dir's tokenizer.json and (lr=0) ends on exactly the HF weights."""
+  hf_dir, sd = hf_dense
+  workdir = str(tmp_path / "run")
+  flags = tf.flags(data, 1, init_from=hf_dir, data__tokenizer="", optim__lr=0.0, eval_every=0,
+                   epochs=0.5, ckpt__every=1000)
+  result = tf.check_ok(tf.run(workdir, flags, 1, jit_cache))
+  assert f"data.tokenizer: {hf_dir}/tokenizer.json" in result.stdout
+  m = re.search(r"epochs=0.5: steps=(\d+) \((\d+) packed rows per epoch, global_batch=16\)", result.stdout)
+  assert m, result.stdout[-2000:]
+  steps, rows = int(m.group(1)), int(m.group(2))
+  assert steps == max(1, int(0.5 * rows) // 16) and f"step {steps}/{steps}" in result.stdout
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["steps"] == steps and saved["data"]["tokenizer"].endswith("tokenizer.json")
+  p = tf.restore_params(workdir, steps)
+  np.testing.assert_array_equal(p["['embed_tokens']['embedding']"], sd["model.embed_tokens.weight"])
+  np.testing.assert_array_equal(p["['layers_0']['self_attn']['q_proj']['kernel']"][1],
+                                sd["model.layers.1.self_attn.q_proj.weight"].T)
+  for layer in (2, 3):                     # MoE layers: 7 copies of the dense FFN + 1 zero pad
+    experts = p[f"['layers_{layer}']['mlp']['experts']['up_proj']"]
+    assert experts.shape[0] == 8 and not experts[7].any()
+    for e in range(7):
+      np.testing.assert_array_equal(experts[e], sd[f"model.layers.{layer}.mlp.up_proj.weight"].T)
+
+
+def test_init_kind_and_hf_mismatch_errors(hf_dense, tmp_path):
+  hf_dir, _ = hf_dense
+  assert run_setup.init_kind(hf_dir) == "hf"
+  with pytest.raises(FileNotFoundError, match="does not exist: expected an HF checkpoint dir"):
+    run_setup.init_kind(str(tmp_path / "nope"))
+  with pytest.raises(FileNotFoundError, match="is neither kind"):
+    run_setup.init_kind(str(tmp_path))
+  with pytest.raises(ValueError, match=r"model dimensions differ.*hidden_size.*\(64, 32\)"):
+    run_setup.hf_params(hf_dir, _config(model__hidden_size=32))
+
+
+# ----------------------------------------------------------------------------- preflight, epochs
+
+def test_big_configs_list_what_they_need():
+  for name in ("apollo_moe_0p5b", "apollo_2b", "apollo_moe_7b"):
+    with pytest.raises(ValueError) as e:
+      run_setup.prepare(cfg.load(name))
+    msg = str(e.value)
+    for needed in ("--config.init_from=DIR", "--config.allow_random_init=True", "data.tokenizer",
+                   "--config.data.train_files=FILES", "huggingface-cli download"):
+      assert needed in msg, (name, needed)
+  c = cfg.load("apollo_2b")
+  c.data.train_files, c.allow_random_init = "x.json", True
+  with pytest.raises(ValueError, match=r"needs: \(1\) the tokenizer") as e:
+    run_setup.prepare(c)
+  assert "init_from" not in str(e.value).split("(1)")[1].split("by default")[0]
+  c.data.tokenizer = "tok.json"
+  run_setup.prepare(c)                     # everything given: no error
+  run_setup.prepare(cfg.load("tiny"))      # the demo config needs nothing
+
+
+def test_tokenizer_defaults_to_init_from(hf_dense):
+  hf_dir, _ = hf_dense
+  for given in ("", run_setup.SAMPLE_TOKENIZER):
+    c = _config(init_from=hf_dir)
+    c.data.tokenizer = given
+    run_setup.prepare(c)
+    assert c.data.tokenizer == os.path.join(hf_dir, "tokenizer.json")
+  c = _config(init_from=hf_dir, data__tokenizer="mine.model")
+  run_setup.prepare(c)
+  assert c.data.tokenizer == "mine.model"  # an explicit tokenizer wins
+
+
+def test_epochs_to_steps():
+  class D:
+    stats = {"rows_per_epoch": 1000}
+  c = _config(epochs=1.0, global_batch=32)
+  assert run_setup.apply_epochs(c, D()) == 31 == c.steps
+  c = _config(epochs=0.0, steps=7)
+  assert run_setup.apply_epochs(c, D()) is None and c.steps == 7
+  with pytest.raises(ValueError, match="epochs must be >= 0"):
+    cfg.validate(_config(epochs=-1.0))
+
+
+# -------------------------------------------------------------------------------- CLI errors
+
+def _cli(args, debug=False):
+  cmd = [sys.executable, "-m"] + args + (["--debug"] if debug else [])
+  return subprocess.run(cmd, cwd=tf.REPO, env=tf.env(1), capture_output=True, text=True, timeout=120)
+
+
+def test_cli_error_is_one_paragraph(tmp_path):
+  """The command a new user types first: one ERROR paragraph naming what is missing, no traceback."""
+  cmd = [sys.executable, "-m", "apollo_jax.train", "--config=configs/apollo_moe_7b.py", f"--workdir={tmp_path}"]
+  out = subprocess.run(cmd, cwd=tf.REPO, env=tf.env(1), capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  lines = [x for x in out.stderr.splitlines() if x.strip() and "WARNING" not in x]
+  assert len(lines) == 1 and lines[0].startswith("ERROR: this config trains a real-size model and needs: "
+                                                 "(1) --config.init_from=DIR"), out.stderr
+  assert "Qwen/Qwen2-7B" in lines[0]
+
+
+def test_cli_guard_debug_and_bugs(capsys, monkeypatch, tmp_path):
+  from absl import flags
+  from apollo_jax import convert_from_hf
+  if "debug" not in flags.FLAGS:
+    flags.DEFINE_bool("debug", False, "")
+  flags.FLAGS.mark_as_parsed()
+
+  def convert(argv):
+    convert_from_hf.convert(str(tmp_path / "none"), str(tmp_path / "out"))
+
+  def bug(argv):
+    raise KeyError("x")
+  with pytest.raises(SystemExit) as e:
+    cli.guard(convert)([])
+  err = capsys.readouterr().err
+  assert e.value.code == 1 and err.startswith(f"ERROR: --hf_dir={tmp_path}/none has no config.json")
+  assert err.count("\n") == 1 and err.rstrip().endswith("(rerun with --debug for the traceback)")
+  with pytest.raises(KeyError):            # a bug keeps its traceback
+    cli.guard(bug)([])
+  monkeypatch.setattr(flags.FLAGS, "debug", True)
+  with pytest.raises(FileNotFoundError):   # --debug: the user error's traceback
+    cli.guard(convert)([])
+
+
+# ------------------------------------------------------------------------------ gs:// workdir
+
+@pytest.fixture
+def gs_in_memory(monkeypatch):
+  """gs:// served by fsspec's in-memory filesystem: the same epath/fsspec code path as GCS."""
+  import fsspec
+  from etils.epath import backend
+  from fsspec.implementations.memory import MemoryFileSystem
+  monkeypatch.setitem(sys.modules[fsspec.register_implementation.__module__]._registry, "gcs",
+                      MemoryFileSystem)
+  backend.fsspec_backend._get_filesystem.cache_clear()
+  MemoryFileSystem.store.clear()
+  yield MemoryFileSystem.store
+  backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_gs_workdir_metrics_and_config(gs_in_memory, monkeypatch):
+  from etils import epath
+  c = _config()
+  work = "gs://bucket/run"
+  log = metrics.Logger(work, c, 0)
+  log.write(1, {"loss": 1.0})
+  log.write(2, {"loss": np.float32(0.5)})
+  log.close()
+  metrics.write_config(work, c)
+  assert any(k.endswith("bucket/run/metrics.jsonl") for k in gs_in_memory)
+  read = lambda: [json.loads(x) for x in epath.Path(work, "metrics.jsonl").read_text().splitlines()]
+  assert read() == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+  assert json.loads(epath.Path(work, "config.json").read_text())["model"]["vocab_size"] == 640
+  log = metrics.Logger(work, c, 1)         # resumed at step 1: step 2 is redone
+  log.write(2, {"loss": 0.25})
+  log.close()
+  assert read() == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.25}]
+  assert checkpoint.Checkpointer.__init__ and str(checkpoint.workdir_path(work)) == work
+  monkeypatch.setattr(jax, "process_index", lambda: 1)      # only process 0 writes
+  log = metrics.Logger("gs://bucket/other", c, 0)
+  log.write(1, {"loss": 1.0})
+  log.close()
+  metrics.write_config("gs://bucket/other", c)
+  assert not any("other" in k for k in gs_in_memory)
+
+
+# --------------------------------------------------------------------- resume across padding
+
+class _Iter:
+  def __init__(self, step=0):
+    self.state = {"next_index": step}
+
+  def get_state(self):
+    return self.state
+
+  def set_state(self, s):
+    self.state = s
+
+
+def _state(config, devices, seed):
+  """(random train state on `devices` (padded experts zero), abstract state, shardings)."""
+  mesh = sharding.make_mesh(config, jax.devices()[:devices])
+  with sharding.activate(mesh):
+    model, tx = transformer.build_model(config), optimizer.make_optimizer(config)
+    abstract, shardings, _ = ts.state_shardings(model, config, tx, mesh)
+  n = config.moe.num_experts
+  rng = np.random.default_rng(seed)
+
+  def fill(path, a, s):
+    v = np.zeros(a.shape, a.dtype)
+    if np.issubdtype(a.dtype, np.floating) and a.ndim:
+      v = rng.normal(size=a.shape).astype(a.dtype)
+      if any(getattr(k, "key", None) == "experts" for k in path):
+        v[n:] = 0
+    return jax.device_put(v, s)
+  return jax.tree_util.tree_map_with_path(fill, abstract, shardings), abstract, shardings
+
+
+def _flat(tree):
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_resume_across_expert_padding(tmp_path):
+  """8 padded experts on an expert=2 mesh -> 7 unpadded on expert=1 (fsdp=4) -> back to 8 on
+  expert=4: params and optimizer moments of the 7 real experts survive every hop exactly; a
+  checkpoint whose 8th expert is not zero cannot be trimmed to 7."""
+  a_cfg = _config(mesh__expert=2, mesh__fsdp=-1)
+  state, _, _ = _state(a_cfg, 8, 0)
+  ck = checkpoint.Checkpointer(str(tmp_path), a_cfg)
+  ck.save(3, state, _Iter(3))
+  bad = jax.tree.map(lambda x: x, state)
+  leaf = bad["params"]["layers_3"]["mlp"]["experts"]["gate_proj"]
+  bad["params"]["layers_3"]["mlp"]["experts"]["gate_proj"] = leaf.at[7].set(1.0)
+  ck.save(9, bad, _Iter(9))
+  ck.close()
+  ref = _flat(state)
+  assert ref["['params']['layers_2']['mlp']['experts']['up_proj']"].shape[0] == 8
+
+  b_cfg = _config(mesh__expert=1, mesh__fsdp=4)
+  _, b_abs, b_sh = _state(b_cfg, 4, 1)
+  it = _Iter()
+  ck = checkpoint.Checkpointer(str(tmp_path), b_cfg)
+  got = ck.restore(3, b_abs, b_sh, it)
+  assert it.state == {"next_index": 3}
+  flat = _flat(got)
+  assert flat.keys() == ref.keys()
+  n_expert_leaves = 0
+  for k, v in flat.items():
+    if "experts" in k:
+      n_expert_leaves += 1
+      assert v.shape[0] == 7, k
+      np.testing.assert_array_equal(v, ref[k][:7], err_msg=k)
+    else:
+      np.testing.assert_array_equal(v, ref[k], err_msg=k)
+  assert n_expert_leaves == 3 * 2 * 3       # {gate,up,down} x 2 MoE layers x (param, mu, nu)
+  assert jax.tree.leaves(got["params"])[0].sharding.mesh.shape["fsdp"] == 4
+  with pytest.raises(ValueError, match=r"layers_3.*gate_proj.*non-zero experts beyond the 7"):
+    ck.restore(9, b_abs, b_sh)
+  ck.save(4, got, _Iter(4))
+  ck.close()
+
+  c_cfg = _config(mesh__expert=4, mesh__fsdp=2)
+  _, c_abs, c_sh = _state(c_cfg, 8, 2)
+  back = _flat(checkpoint.Checkpointer(str(tmp_path), c_cfg).restore(4, c_abs, c_sh))
+  for k, v in back.items():
+    np.testing.assert_array_equal(v, ref[k], err_msg=k)
+
+
+def test_data_position_across_process_counts(tmp_path):
+  c = _config()
+  state, abstract, shardings = _state(c, 1, 0)
+  ck = checkpoint.Checkpointer(str(tmp_path), c)
+  ck.save(5, state, _Iter(5))
+  ck.close()
+  data_file = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "checkpoints" / "5" / "data")
+               for f in fs if not f.startswith("_")][0]
+  saved = json.load(open(data_file))
+  ck = checkpoint.Checkpointer(str(tmp_path), c)
+  same = json.dumps({"next_index": 5})
+  for states, ok in (([same, same], True), ([same, json.dumps({"next_index": 6})], False)):
+    json.dump({**saved, "process_count": 2, "states": states}, open(data_file, "w"))
+    it = _Iter()
+    if ok:                                 # 2 processes at the same step -> 1 process goes on
+      ck.restore(5, abstract, shardings, it)
+      assert it.state == {"next_index": 5}
+    else:
+      with pytest.raises(ValueError, match="written by 2 processes, this run has 1, and their saved"):
+        ck.restore(5, abstract, shardings, it)
+  json.dump(saved, open(data_file, "w"))
+  c2 = _config(global_batch=16)
+  with pytest.raises(ValueError, match="global_batch=8, this run has 16"):
+    checkpoint.Checkpointer(str(tmp_path), c2).restore(5, abstract, shardings, _Iter())
+
+
+# ---------------------------------------------------------------------------- SIGTERM sync
+
+STOP_SCRIPT = r"""
+import os, signal, sys, time
+pid, port = int(sys.argv[1]), sys.argv[2]
+import jax
+jax.distributed.initialize(f"127.0.0.1:{port}", 2, pid, initialization_timeout=30)
+from apollo_jax import train
+stop = train.StopRequest()
+assert stop.sync
+for step in range(1, 400):
+  time.sleep(0.01 * (pid + 1))             # the processes run at different speeds
+  if pid == 1 and step == 5:
+    os.kill(os.getpid(), signal.SIGTERM)
+  if stop.requested(step):
+    print("STOP", step, flush=True)
+    break
+jax.distributed.shutdown()
+"""
+
+
+def test_sigterm_on_one_process_stops_all_at_the_same_step(tmp_path):
+  import socket
+  script = tmp_path / "stop.py"
+  script.write_text(STOP_SCRIPT)
+  s = socket.socket()
+  s.bind(("127.0.0.1", 0))
+  port = str(s.getsockname()[1])
+  s.close()
+  env = {**tf.env(1), "PYTHONPATH": tf.REPO}
+  procs = [subprocess.Popen([sys.executable, str(script), str(i), port], cwd=tf.REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  steps = [re.findall(r"STOP (\d+)", o) for o, _ in outs]
+  assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+  assert steps[0] == steps[1] and len(steps[0]) == 1 and int(steps[0][0]) >= 5
