@@ -34,7 +34,7 @@ def convert(hf_dir, out, config=None, upcycle=False):
   import jax
   if not os.path.isfile(os.path.join(hf_dir, "config.json")):
     raise FileNotFoundError(f"--hf_dir={hf_dir} has no config.json: expected an HF checkpoint dir "
-                            "(config.json + model.safetensors, e.g. from `huggingface-cli download "
+                            "(config.json + model.safetensors, e.g. from `hf download "
                             "Qwen/Qwen2-0.5B --local-dir DIR`)")
   src = hf.config_from_hf(hf.read_hf_config(hf_dir))
   if config is not None:

@@ -36,7 +36,7 @@ def init_kind(path: str) -> str:
   what = "does not exist" if not p.exists() else "is neither kind"
   raise FileNotFoundError(
       f"--config.init_from={path} {what}: expected an HF checkpoint dir (config.json + "
-      "model.safetensors, e.g. from `huggingface-cli download Qwen/Qwen2-0.5B --local-dir DIR`) or "
+      "model.safetensors, e.g. from `hf download Qwen/Qwen2-0.5B --local-dir DIR`) or "
       "an Orbax params dir written by `python -m apollo_jax.convert_from_hf` (params/ + "
       "model_config.json)")
 
@@ -59,7 +59,7 @@ def check_ready(config):
   if not config.init_from and not config.get("allow_random_init", True):
     missing.append(
         f"--config.init_from=DIR, the checkpoint to start from: the dense HF model {model} (get it with "
-        f"`huggingface-cli download {model} --local-dir DIR`; it is upcycled on the fly), a Qwen2-MoE / "
+        f"`hf download {model} --local-dir DIR`; it is upcycled on the fly), a Qwen2-MoE / "
         "Apollo-MoE HF dir, or a convert_from_hf output; to train from random weights on purpose, "
         "add --config.allow_random_init=True")
   if not d.tokenizer:
@@ -69,7 +69,7 @@ def check_ready(config):
   if not d.train_files:
     missing.append(
         "--config.data.train_files=FILES, the training conversations (path, glob or comma list), e.g. "
-        "the ApolloMoEDataset: `huggingface-cli download FreedomIntelligence/ApolloMoEDataset "
+        "the ApolloMoEDataset: `hf download FreedomIntelligence/ApolloMoEDataset "
         "--repo-type dataset --local-dir DATA` then --config.data.train_files=DATA/<file>.json")
   if missing:
     raise ValueError("this config trains a real-size model and needs: " +

@@ -125,7 +125,7 @@ def test_big_configs_list_what_they_need():
       run_setup.prepare(cfg.load(name))
     msg = str(e.value)
     for needed in ("--config.init_from=DIR", "--config.allow_random_init=True", "data.tokenizer",
-                   "--config.data.train_files=FILES", "huggingface-cli download"):
+                   "--config.data.train_files=FILES", "hf download"):
       assert needed in msg, (name, needed)
   c = cfg.load("apollo_2b")
   c.data.train_files, c.allow_random_init = "x.json", True
@@ -388,3 +388,26 @@ def test_sigterm_on_one_process_stops_all_at_the_same_step(tmp_path):
   steps = [re.findall(r"STOP (\d+)", o) for o, _ in outs]
   assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
   assert steps[0] == steps[1] and len(steps[0]) == 1 and int(steps[0][0]) >= 5
+
+
+# ------------------------------------------------------------------------------ GPU launcher
+
+def test_gpu_launcher_installs_once_then_trains(tmp_path):
+  """launch/gpu_multihost.sh installs requirements-gpu.txt into a missing venv once (stamped by
+  the requirements' hash), then execs the trainer with the arguments; fake pip/python record calls."""
+  venv, log = tmp_path / "venv", tmp_path / "calls"
+  (venv / "bin").mkdir(parents=True)
+  for name in ("pip", "python"):
+    script = venv / "bin" / name
+    script.write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\n')
+    script.chmod(0o755)
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_COORDINATOR"))}
+  env["VENV"] = str(venv)
+  for _ in range(2):
+    out = subprocess.run(["bash", "launch/gpu_multihost.sh", "--config=configs/tiny.py", "--workdir=w"],
+                         cwd=tf.REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+  calls = log.read_text().splitlines()
+  assert calls == ["pip install -q -r requirements-gpu.txt",
+                   "python -m apollo_jax.train --config=configs/tiny.py --workdir=w",
+                   "python -m apollo_jax.train --config=configs/tiny.py --workdir=w"]
