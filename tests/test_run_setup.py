@@ -117,6 +117,46 @@ def test_init_kind_and_hf_mismatch_errors(hf_dense, tmp_path):
     run_setup.hf_params(hf_dir, _config(model__hidden_size=32))
 
 
+def test_moe_hf_dir_loads_as_is_onto_the_shardings(tmp_path):
+  """A Qwen2-MoE HF dir (7 experts in the last 2 layers) is used as is: params land on an
+  fsdp=4 x expert=2 mesh, experts padded to 8, every tensor equal to the file's."""
+  import safetensors.numpy
+  rng = np.random.default_rng(1)
+  sd = _qwen2_tensors(rng)
+  for i in (2, 3):
+    p = f"model.layers.{i}.mlp."
+    for n in ("gate_proj", "up_proj", "down_proj"):
+      sd.pop(p + n + ".weight")
+    sd[p + "gate.weight"] = rng.standard_normal((7, 64)).astype(np.float32)
+    for e in range(7):
+      for n, shape in (("gate_proj", (128, 64)), ("up_proj", (128, 64)), ("down_proj", (64, 128))):
+        sd[f"{p}experts.{e}.{n}.weight"] = rng.standard_normal(shape).astype(np.float32)
+  hf_config = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "num_experts": 7,
+               "num_experts_per_tok": 2, "decoder_sparse_step": 1, "mlp_only_layers": [0, 1],
+               "moe_intermediate_size": 128, "shared_expert_intermediate_size": 0, **HF_DIMS}
+  (tmp_path / "config.json").write_text(json.dumps(hf_config))
+  safetensors.numpy.save_file(sd, str(tmp_path / "model.safetensors"))
+  c = _config(init_from=str(tmp_path), mesh__fsdp=4, mesh__expert=2)
+  mesh = sharding.make_mesh(c)
+  with sharding.activate(mesh):
+    model, tx = transformer.build_model(c), optimizer.make_optimizer(c)
+    abstract, shardings, _ = ts.state_shardings(model, c, tx, mesh)
+  params = run_setup.load_params(c, abstract["params"], shardings["params"])
+  flat = _flat(params)
+  gate = params["layers_3"]["mlp"]["experts"]["gate_proj"]
+  assert gate.sharding == shardings["params"]["layers_3"]["mlp"]["experts"]["gate_proj"]
+  assert flat["['layers_3']['mlp']['experts']['gate_proj']"].shape == (8, 64, 128)
+  for e in range(7):
+    np.testing.assert_array_equal(flat["['layers_3']['mlp']['experts']['down_proj']"][e],
+                                  sd[f"model.layers.3.mlp.experts.{e}.down_proj.weight"].T)
+  assert not flat["['layers_2']['mlp']['experts']['up_proj']"][7].any()
+  np.testing.assert_array_equal(flat["['layers_2']['mlp']['gate']['kernel']"], sd["model.layers.2.mlp.gate.weight"].T)
+  np.testing.assert_array_equal(flat["['layers_0']['mlp']['down_proj']['kernel']"][1],
+                                sd["model.layers.1.mlp.down_proj.weight"].T)
+  with pytest.raises(ValueError, match=r"saved params have MoE layers \(2, 3\).*config wants \(1, 2, 3\)"):
+    run_setup.hf_params(str(tmp_path), _config(moe__layers="last:3"))
+
+
 # ----------------------------------------------------------------------------- preflight, epochs
 
 def test_big_configs_list_what_they_need():
