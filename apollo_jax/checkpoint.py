@@ -107,7 +107,8 @@ def _is_expert_leaf(path) -> bool:
 
 def saved_num_experts(state_dir):
   """Padded expert count (dim 0 of `experts` leaves) of an Orbax tree on disk; None if no MoE."""
-  tree = ocp.StandardCheckpointer().metadata(str(state_dir)).item_metadata.tree
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.metadata(str(state_dir)).item_metadata.tree
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if _is_expert_leaf(path) and getattr(leaf, "shape", None):
       return int(leaf.shape[0])

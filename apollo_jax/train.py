@@ -3,7 +3,8 @@
 Config arguments and overrides: `--config=configs/tiny.py:routing=topk --config.steps=200
 --config.optim.lr=3e-4`. A run resumes from the latest complete checkpoint in DIR/checkpoints.
 SIGTERM (preemption) finishes the current step, saves, waits for the save and exits 0. A
-non-finite loss stops the run with exit status 1 without saving that state.
+non-finite loss stops the run with exit status 1 without saving that state. `--config.init_from`
+and `--config.epochs`: see run_setup.py; user errors print one paragraph (`--debug`: traceback).
 
 Multi-process (TPU pods, multi-GPU hosts): set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID (or run where jax.distributed auto-detects the cluster and set only
