@@ -242,6 +242,23 @@ def test_cli_guard_debug_and_bugs(capsys, monkeypatch, tmp_path):
     cli.guard(convert)([])
 
 
+def test_flag_errors_are_one_paragraph(capsys):
+  """Errors ml_collections raises while parsing the flags (bad config argument, unknown field)."""
+  from absl import flags
+  from ml_collections import config_flags
+  tiny = os.path.join(tf.REPO, "configs", "tiny.py")
+  for argv, want in (([f"--config={tiny}:bogus=1"], "unknown config argument 'bogus'; known: expert_map"),
+                     ([f"--config={tiny}", "--config.optim.lrr=1"],
+                      "unknown config field 'lrr' in --config.optim.lrr")):
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
+    with pytest.raises(SystemExit) as e:
+      cli.parse_flags(["prog"] + argv, fv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("ERROR: ") and err.count("\n") == 1, err
+    assert want in err and "Traceback" not in err
+
+
 # ------------------------------------------------------------------------------ gs:// workdir
 
 @pytest.fixture
