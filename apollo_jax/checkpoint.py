@@ -7,7 +7,15 @@ leaves the previous step as the latest complete checkpoint (JAX_NOTES e).
 
 The data iterator's `get_state()` is taken in the caller's thread at save time (it must match the
 batches consumed so far; a background writer would read a later position), gathered from every
-process and stored as JSON by process 0 under data/: {"process_count": n, "states": [...]}.
+process and stored as JSON by process 0 under data/: {"process_count": n, "global_batch": g,
+"states": [...]}. When every process saved the same position (the grain iterator's state is the
+step), a run with another number of processes resumes from it; otherwise it must keep the count.
+
+Restores go straight onto the target shardings (any mesh). A checkpoint whose experts were padded
+for another expert axis (e.g. 7 real experts padded to 8 for mesh.expert=2, resumed with
+mesh.expert=1 and no padding, or 7 -> 8) is read at its saved size and re-padded on device
+(`repad_on_device`), params and optimizer moments alike. The workdir may be any etils/epath path
+(gs://...): Orbax writes through it.
 """
 
 import base64
@@ -15,15 +23,23 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+def workdir_path(workdir: str) -> epath.Path:
+  """epath for a workdir: URIs (gs://bucket/run) as given, local paths made absolute."""
+  return epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
 
 
 class Checkpointer:
 
   def __init__(self, workdir: str, config):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = str(workdir_path(workdir) / "checkpoints")
+    self.global_batch = config.global_batch
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.ckpt.keep, enable_async_checkpointing=config.ckpt.async_save,
         create=True, cleanup_tmp_directories=True)
@@ -40,26 +56,39 @@ class Checkpointer:
     """Starts an async save of `state` and the iterator position; False if `step` exists."""
     if step in self.manager.all_steps():
       return False
-    data = {"process_count": jax.process_count(), "states": gather_iterator_states(data_iter)}
+    data = {"process_count": jax.process_count(), "global_batch": self.global_batch,
+            "states": gather_iterator_states(data_iter)}
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True)
 
   def restore(self, step: int, abstract_state, shardings, data_iter=None):
     """State restored onto `shardings` (any mesh); sets `data_iter` to the saved position."""
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_state, shardings)
+    saved = saved_num_experts(epath.Path(self.directory) / str(step) / "state")
+    target = restore_target(abstract_state, shardings, saved)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     if data_iter is not None:
-      data = restored["data"]
-      if data["process_count"] != jax.process_count():
-        raise ValueError(
-            f"checkpoint step {step} in {self.directory} was written by {data['process_count']} "
-            f"processes, this run has {jax.process_count()}: the data position cannot be mapped. "
-            "Resume with the same number of processes (the mesh may differ), or start a new workdir "
-            "with --config.init_from pointing at exported params.")
-      data_iter.set_state(_decode(data["states"][jax.process_index()]))
-    return restored["state"]
+      data_iter.set_state(_decode(self._position(step, restored["data"])))
+    return repad_on_device(restored["state"], abstract_state, shardings)
+
+  def _position(self, step, data):
+    """This process's saved iterator state, mapped to another process count when possible."""
+    where = f"checkpoint step {step} in {self.directory}"
+    if data.get("global_batch", self.global_batch) != self.global_batch:
+      raise ValueError(
+          f"{where} was trained with global_batch={data['global_batch']}, this run has "
+          f"{self.global_batch}: the data position would shift. Resume with "
+          f"--config.global_batch={data['global_batch']} or start a new workdir (with init_from).")
+    states = data["states"]
+    if data["process_count"] == jax.process_count():
+      return states[jax.process_index()]
+    if len(set(states)) == 1:          # every process was at the same step: any layout can go on
+      return states[0]
+    raise ValueError(
+        f"{where} was written by {data['process_count']} processes, this run has "
+        f"{jax.process_count()}, and their saved data positions differ (data.num_workers > 0?), so "
+        "they cannot be mapped. Resume with the same number of processes (the mesh may differ), or "
+        "start a new workdir with --config.init_from pointing at exported params.")
 
   def wait(self):
     """Blocks until every pending async save is committed."""
@@ -68,6 +97,72 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+# ------------------------------------------------------------------------------ expert padding
+
+def _is_expert_leaf(path) -> bool:
+  return any(getattr(k, "key", None) == "experts" for k in path)
+
+
+def saved_num_experts(state_dir):
+  """Padded expert count (dim 0 of `experts` leaves) of an Orbax tree on disk; None if no MoE."""
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.metadata(str(state_dir)).item_metadata.tree
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if _is_expert_leaf(path) and getattr(leaf, "shape", None):
+      return int(leaf.shape[0])
+  return None
+
+
+def restore_target(abstract, shardings, saved_experts):
+  """ShapeDtypeStructs to restore onto: the target's, except expert leaves at their saved size,
+  unsharded on that dim (the saved count need not divide the expert axis)."""
+  def leaf(path, a, s):
+    if saved_experts is None or not _is_expert_leaf(path) or a.shape[0] == saved_experts:
+      return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+    spec = (None,) + tuple(s.spec)[1:]
+    return jax.ShapeDtypeStruct((saved_experts,) + a.shape[1:], a.dtype,
+                                sharding=NamedSharding(s.mesh, P(*spec)))
+  return jax.tree_util.tree_map_with_path(leaf, abstract, shardings)
+
+
+def repad_on_device(tree, abstract, shardings):
+  """Zero-pad or trim expert leaves to the target's padded count, onto the target shardings (one
+  jit for all of them). Only padded (all-zero) experts may be trimmed: a real expert never is."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  want, shard = jax.tree.leaves(abstract), jax.tree.leaves(shardings)
+  todo = [i for i, (_, x) in enumerate(leaves) if x.shape != want[i].shape]
+  if not todo:
+    return tree
+  sizes = tuple(want[i].shape[0] for i in todo)
+
+  def resize(xs):
+    out, dropped = [], []
+    for x, n in zip(xs, sizes):
+      pad = jnp.zeros((max(n - x.shape[0], 0),) + x.shape[1:], x.dtype)
+      out.append(jnp.concatenate([x[:n], pad]))
+      dropped.append(jnp.any(x[n:] != 0))
+    return out, jnp.stack(dropped)
+  rep = NamedSharding(shard[0].mesh, P())
+  out, dropped = jax.jit(resize, out_shardings=([shard[i] for i in todo], rep))([leaves[i][1] for i in todo])
+  for i, bad in zip(todo, np.asarray(dropped)):
+    if bad:
+      raise ValueError(f"{jax.tree_util.keystr(leaves[i][0])}: the checkpoint has non-zero experts beyond "
+                       f"the {want[i].shape[0]} this config pads to; check config.moe.num_experts")
+  new = [x for _, x in leaves]
+  for i, y in zip(todo, out):
+    new[i] = y
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), new)
+
+
+def restore_onto(params_dir, abstract, shardings):
+  """A StandardCheckpointer tree (e.g. convert_from_hf's OUT/params) restored onto `shardings`,
+  experts re-padded to this mesh."""
+  target = restore_target(abstract, shardings, saved_num_experts(params_dir))
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.restore(str(params_dir), target)
+  return repad_on_device(tree, abstract, shardings)
 
 
 def _encode(state) -> str:

@@ -83,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 100                 # eval loss on the held-out split every N steps (0: never)
   c.eval_batches = 4
   c.log_every = 10
-  c.init_from = ""                   # Orbax params dir from convert_from_hf (optionally upcycled)
+  c.init_from = ""                   # Orbax dir from convert_from_hf, or an HF Qwen2 / Qwen2-MoE dir
   c.peak_flops_per_device = 0.0      # MFU denominator; 0: table by device kind (metrics.PEAK_FLOPS)
   c.debug_nan_at_step = 0            # test hook: update N gets a NaN loss (0: off)
 
@@ -106,6 +106,20 @@ def base_config() -> ml_collections.ConfigDict:
   w.enabled = False
   w.project = "apollo_jax"
   w.name = ""
+
+  # Run setup (issue 9B; apollo_jax/run_setup.py).
+  c.epochs = 0.0                     # > 0: steps = epochs over the training rows (overrides steps)
+  c.init_hint = ""                   # big configs: the HF model to start from (named in errors)
+  c.allow_random_init = True         # big configs: False, so a missing init_from is an error
+  return c
+
+
+def needs_real_setup(c, hf_model: str):
+  """Big configs: no demo data, tokenizer from init_from, and init_from (`hf_model`) required."""
+  c.data.train_files = ""
+  c.data.tokenizer = ""              # "" : init_from's tokenizer.json
+  c.init_hint = hf_model
+  c.allow_random_init = False
   return c
 
 
@@ -237,6 +251,7 @@ def validate(config, num_devices: int | None = None):
   need(t.grad_accum >= 1 and t.global_batch % t.grad_accum == 0,
        f"global_batch={t.global_batch} must be divisible by grad_accum={t.grad_accum}")
   need(t.steps >= 1, "steps must be >= 1")
+  need(t.get("epochs", 0) >= 0, "epochs must be >= 0 (0: use steps)")
   need(0 <= config.optim.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)")
   need(config.optim.horizon >= 1, "optim.horizon must be >= 1 (the schedule spans horizon * steps)")
   if num_devices is not None:

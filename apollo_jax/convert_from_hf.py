@@ -9,10 +9,12 @@ are checked) and contributes the MoE settings (with --upcycle) and non-shape fie
 dtype. Writes OUT/params (Orbax) and OUT/model_config.json.
 """
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apollo_jax import config as cfg
+from apollo_jax import cli, config as cfg
 from apollo_jax import hf
 
 FLAGS = flags.FLAGS
@@ -30,6 +32,10 @@ def define_flags():
 def convert(hf_dir, out, config=None, upcycle=False):
   """Returns (config, params) after writing them to `out`."""
   import jax
+  if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+    raise FileNotFoundError(f"--hf_dir={hf_dir} has no config.json: expected an HF checkpoint dir "
+                            "(config.json + model.safetensors, e.g. from `hf download "
+                            "Qwen/Qwen2-0.5B --local-dir DIR`)")
   src = hf.config_from_hf(hf.read_hf_config(hf_dir))
   if config is not None:
     hf.check_same_model(src, config, f"HF checkpoint {hf_dir}", "--config")
@@ -64,4 +70,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -29,6 +29,7 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
 
 from apollo_jax import config as cfg
 
@@ -95,14 +96,22 @@ def to_jsonable(value):
 
 
 class Logger:
-  """metrics.jsonl + tqdm bar + wandb; everything but the bar's math is a no-op off process 0."""
+  """metrics.jsonl + tqdm bar + wandb; everything but the bar's math is a no-op off process 0.
+
+  The workdir is any etils/epath path. Local files are appended to line by line; object stores
+  (gs://, no append) get the whole file rewritten at most every REMOTE_FLUSH_S and at close()."""
+
+  REMOTE_FLUSH_S = 60.0
 
   def __init__(self, workdir: str, config, start_step: int):
     self.is_main = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self.remote = "://" in str(workdir)
+    self.lines, self.flushed_at = [], time.time()
     self.wandb = None
     if self.is_main:
-      _truncate_after(self.path, start_step)     # a resumed run rewrites the steps it redoes
+      self.lines = _lines_upto(self.path, start_step)     # a resumed run rewrites the steps it redoes
+      self._flush()
       if config.wandb.enabled:
         self.wandb = _init_wandb(config, workdir)
     from tqdm import tqdm
@@ -119,8 +128,13 @@ class Logger:
     if not self.is_main:
       return
     record = {"step": int(step), **{k: to_jsonable(v) for k, v in record.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record, allow_nan=False) + "\n")
+    line = json.dumps(record, allow_nan=False) + "\n"
+    self.lines.append(line)
+    if not self.remote:
+      with self.path.open("a") as f:
+        f.write(line)
+    elif time.time() - self.flushed_at > self.REMOTE_FLUSH_S:
+      self._flush()
     if self.wandb is not None:
       self.wandb.log({k: v for k, v in record.items() if k != "step" and not isinstance(v, list)},
                      step=int(step))
@@ -129,25 +143,38 @@ class Logger:
     if self.is_main:
       self.bar.write(msg)
 
+  def _flush(self):
+    self.path.write_text("".join(self.lines))
+    self.flushed_at = time.time()
+
   def close(self):
+    if self.is_main and self.remote:
+      self._flush()
     self.bar.close()
     if self.wandb is not None:
       self.wandb.finish()
       self.wandb = None
 
 
-def _truncate_after(path: str, step: int):
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-  with open(path, "w") as f:
-    f.writelines(keep)
+def _lines_upto(path, step: int) -> list:
+  """The lines of an existing metrics.jsonl up to `step` (a resumed run redoes the later ones)."""
+  if not path.exists():
+    return []
+  return [line if line.endswith("\n") else line + "\n" for line in path.read_text().splitlines(True)
+          if line.strip() and json.loads(line).get("step", 0) <= step]
+
+
+def write_config(workdir: str, config):
+  """WORKDIR/config.json: the resolved config of this run (process 0 only)."""
+  if jax.process_index() == 0:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
 
 def _init_wandb(config, workdir: str):
   import wandb
   # Offline unless a key is configured: online with no reachable server blocks ~100 s (JAX_NOTES f).
   mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-  return wandb.init(project=config.wandb.project, name=config.wandb.name or None, dir=workdir,
+  local_dir = None if "://" in str(workdir) else workdir      # wandb writes local files only
+  return wandb.init(project=config.wandb.project, name=config.wandb.name or None, dir=local_dir,
                     config=config.to_dict(), mode=mode)

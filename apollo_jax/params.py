@@ -10,10 +10,10 @@ import json
 import math
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from apollo_jax import config as cfg
+from apollo_jax import cli, config as cfg
 from apollo_jax.model.transformer import abstract_params
 
 
@@ -41,4 +41,4 @@ def main(argv):
 
 if __name__ == "__main__":   # flags defined only here, so importing this module never clashes
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/apollo_moe_7b.py[:args].")
-  app.run(main)
+  cli.run(main)

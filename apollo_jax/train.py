@@ -3,7 +3,8 @@
 Config arguments and overrides: `--config=configs/tiny.py:routing=topk --config.steps=200
 --config.optim.lr=3e-4`. A run resumes from the latest complete checkpoint in DIR/checkpoints.
 SIGTERM (preemption) finishes the current step, saves, waits for the save and exits 0. A
-non-finite loss stops the run with exit status 1 without saving that state.
+non-finite loss stops the run with exit status 1 without saving that state. `--config.init_from`
+and `--config.epochs`: see run_setup.py; user errors print one paragraph (`--debug`: traceback).
 
 Multi-process (TPU pods, multi-GPU hosts): set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID (or run where jax.distributed auto-detects the cluster and set only
@@ -21,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apollo_jax import checkpoint, config as cfg, hf, metrics as mx, optimizer, sharding
+from apollo_jax import checkpoint, cli, config as cfg, metrics as mx, optimizer, run_setup, sharding
 from apollo_jax import train_step as ts
 from apollo_jax.data import pipeline
 from apollo_jax.model import transformer
@@ -54,20 +55,35 @@ def maybe_initialize_distributed():
 
 
 class StopRequest:
-  """SIGTERM sets a flag; the loop checks it after each step (all processes agree on it)."""
+  """SIGTERM -> stop after a step that every process agrees on, without a per-step device sync.
+
+  One process: a Python SIGTERM handler sets a flag. Several: JAX's preemption sync point (the
+  coordination service catches SIGTERM on any process and picks the same step for all, host-side
+  only); if that service is off, the flags are all-gathered every AGREE_EVERY steps.
+  """
+
+  AGREE_EVERY = 10
 
   def __init__(self):
+    from jax._src import distributed
     self.flag = False
-    signal.signal(signal.SIGTERM, self._handle)
+    self.sync = jax.process_count() > 1 and distributed.global_state.preemption_sync_manager is not None
+    if not self.sync:          # (a Python handler would replace the coordination service's)
+      signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.flag = True
 
-  def requested(self) -> bool:
+  def requested(self, step: int) -> bool:
+    """Call after every step (all processes, same steps)."""
+    from jax.experimental import multihost_utils
+    if self.sync:
+      return multihost_utils.reached_preemption_sync_point(step)
     if jax.process_count() == 1:
       return self.flag
-    from jax.experimental import multihost_utils
+    if step % self.AGREE_EVERY:
+      return False
     return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag))))
 
 
@@ -83,31 +99,21 @@ def global_batch(local, mesh, rows: int):
   return out
 
 
-def load_init_params(path, param_shardings, config):
-  """Params written by apollo_jax.hf.save_params, restored onto this mesh's shardings."""
-  if not os.path.isdir(os.path.join(path, "params")):
-    raise FileNotFoundError(f"--config.init_from={path}: expected {path}/params and {path}/model_config.json "
-                            "(written by convert_from_hf / apollo_jax.hf.save_params)")
-  params, meta = hf.load_params(path)       # host numpy
-  hf.check_saved_config(meta, config)
-  # expert padding follows the mesh (E_pad); re-padding also checks every leaf and shape
-  params = hf.repad_experts(params, config)
-  return jax.device_put(jax.tree.map(lambda x: np.asarray(x, np.float32), params), param_shardings)
-
-
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) training; returns a summary dict. Raises NonFiniteLoss on NaN/Inf."""
   cfg.validate(config, jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
+  run_setup.prepare(config)             # init_from's tokenizer; big configs: what is missing
   mesh = sharding.make_mesh(config)
   stop = StopRequest()
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     model = transformer.build_model(config)
-    tx = optimizer.make_optimizer(config)
-    abstract, shardings, init_fn = ts.state_shardings(model, config, tx, mesh)
     data = pipeline.make_data(config, config.data.cache_dir or os.path.join(workdir, "data_cache"),
                               jax.process_index(), jax.process_count())
     config = pipeline.skip_empty_eval(config, data)
+    run_setup.apply_epochs(config, data)  # steps from config.epochs: before the schedule is built
+    mx.write_config(workdir, config)
+    tx = optimizer.make_optimizer(config)
+    abstract, shardings, init_fn = ts.state_shardings(model, config, tx, mesh)
     ckpt = checkpoint.Checkpointer(workdir, config)
     latest = ckpt.latest_step()
     if latest is not None:
@@ -116,7 +122,7 @@ def train(config, workdir: str) -> dict:
     else:
       params = None
       if config.init_from:
-        params = load_init_params(config.init_from, shardings["params"], config)
+        params = run_setup.load_params(config, abstract["params"], shardings["params"])
       state = ts.init_state(config, tx, shardings, init_fn, params)
     try:
       return _loop(config, workdir, mesh, model, tx, state, shardings, data, ckpt, stop)
@@ -167,7 +173,7 @@ def _loop(config, workdir, mesh, model, tx, state, shardings, data, ckpt, stop):
     if pending is not None:          # check the previous step while this one runs
       check(*pending)
     pending = (step, m)
-    stopping = stop.requested()
+    stopping = stop.requested(step)
     do_eval = config.eval_every > 0 and (step % config.eval_every == 0 or step == config.steps)
     do_log = step % config.log_every == 0 or step == config.steps or do_eval or stopping
     do_ckpt = step % config.ckpt.every == 0 or step == config.steps or stopping
@@ -260,4 +266,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -18,7 +18,7 @@ def get_config(arg=None):
   m.dtype = "bfloat16"
   m.remat = "full"
   cfg.apply_moe_args(c, args)
-  c.data.tokenizer = "qwen2/tokenizer.json"
+  cfg.needs_real_setup(c, "Qwen/Qwen2-7B")   # init_from, tokenizer, train_files: see run_setup.py
   c.data.eval_fraction = 0.0        # never drop training data silently; evaluate on data.eval_files
   c.optim.lr = 1e-5
   return c

@@ -8,5 +8,5 @@ set -euo pipefail
 : "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE}"
 args=$(printf ' %q' "$@")
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command "
-  cd ~/apollo_jax && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt 'jax[tpu]==0.10.2' &&
+  cd ~/apollo_jax && python3 -m venv .venv && .venv/bin/pip install -q -r requirements-tpu.txt &&
   JAX_COORDINATOR_ADDRESS=auto .venv/bin/python -m apollo_jax.train $args"

@@ -113,3 +113,23 @@ def restore_params(workdir, step):
 def check_ok(result):
   assert result.returncode == 0, f"train failed (rc={result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
   return result
+
+
+def tiny_config(**kw):
+  """The tiny config at vocab 640; keyword `a__b=v` sets field a.b."""
+  from apollo_jax import config as cfg
+  c = cfg.load("tiny")
+  c.model.vocab_size = 640
+  for k, v in kw.items():
+    *path, leaf = k.split("__")
+    node = c
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def flat(tree):
+  """{keystr path: np.ndarray} of a pytree."""
+  import jax
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}

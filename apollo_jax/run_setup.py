@@ -1,0 +1,137 @@
+"""What a training run starts from: the init checkpoint, the default tokenizer, steps from epochs.
+
+`--config.init_from=DIR` accepts
+  * an Orbax params dir written by convert_from_hf (DIR/params + DIR/model_config.json): restored
+    by Orbax straight onto the param shardings (each process reads only its shards);
+  * an HF dense Qwen2 dir (config.json + safetensors): upcycled on the fly into the config's MoE
+    layers, exactly as `convert_from_hf --upcycle` (same router seed, config.seed);
+  * an HF Qwen2-MoE / released Apollo-MoE dir whose MoE layout matches the config: used as is.
+HF weights are converted on the host (one float32 copy of the params per process) and then placed
+shard by shard (`jax.make_array_from_callback`), so no device ever holds a full replicated copy.
+Expert padding follows this run's mesh (checkpoint.repad_on_device).
+
+The big configs (config.needs_real_setup) have no demo data and no tokenizer of their own:
+`check_ready` lists, in one message, what is missing and how to get it.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+from etils import epath
+
+from apollo_jax import checkpoint, config as cfg, hf
+
+SAMPLE_TOKENIZER = "data/sample/tokenizer.model"     # base_config's default: the demo's tokenizer
+
+
+def init_kind(path: str) -> str:
+  """'orbax' (convert_from_hf output) or 'hf' (config.json + safetensors); a clear error otherwise."""
+  p = epath.Path(path)
+  if (p / "params").exists() and (p / "model_config.json").exists():
+    return "orbax"
+  if (p / "config.json").exists():
+    return "hf"
+  what = "does not exist" if not p.exists() else "is neither kind"
+  raise FileNotFoundError(
+      f"--config.init_from={path} {what}: expected an HF checkpoint dir (config.json + "
+      "model.safetensors, e.g. from `hf download Qwen/Qwen2-0.5B --local-dir DIR`) or "
+      "an Orbax params dir written by `python -m apollo_jax.convert_from_hf` (params/ + "
+      "model_config.json)")
+
+
+def resolve_tokenizer(config):
+  """Unset or demo tokenizer + an init_from dir with tokenizer.json -> that tokenizer.json."""
+  d = config.data
+  if not config.init_from or d.tokenizer not in ("", SAMPLE_TOKENIZER):
+    return
+  path = os.path.join(config.init_from, "tokenizer.json")
+  if epath.Path(path).exists():
+    _say(f"data.tokenizer: {path} (from init_from; it replaces the default {d.tokenizer or '(none)'})")
+    d.tokenizer = path
+
+
+def check_ready(config):
+  """Raise one message listing what a big config still needs (init, tokenizer, training data)."""
+  d, model = config.data, config.get("init_hint", "") or "a Qwen2 checkpoint"
+  missing = []
+  if not config.init_from and not config.get("allow_random_init", True):
+    missing.append(
+        f"--config.init_from=DIR, the checkpoint to start from: the dense HF model {model} (get it with "
+        f"`hf download {model} --local-dir DIR`; it is upcycled on the fly), a Qwen2-MoE / "
+        "Apollo-MoE HF dir, or a convert_from_hf output; to train from random weights on purpose, "
+        "add --config.allow_random_init=True")
+  if not d.tokenizer:
+    missing.append(
+        "the tokenizer: --config.data.tokenizer=PATH/tokenizer.json (by default the tokenizer.json of "
+        f"the init_from dir{'' if not config.init_from else ', which has none'})")
+  if not d.train_files:
+    missing.append(
+        "--config.data.train_files=FILES, the training conversations (path, glob or comma list), e.g. "
+        "the ApolloMoEDataset: `hf download FreedomIntelligence/ApolloMoEDataset "
+        "--repo-type dataset --local-dir DATA` then --config.data.train_files=DATA/<file>.json")
+  if missing:
+    raise ValueError("this config trains a real-size model and needs: " +
+                     "; ".join(f"({i}) {m}" for i, m in enumerate(missing, 1)) + ".")
+
+
+def prepare(config):
+  """Before the data is built: default tokenizer from init_from, then check_ready."""
+  if config.init_from:
+    init_kind(config.init_from)
+  resolve_tokenizer(config)
+  check_ready(config)
+
+
+# ------------------------------------------------------------------------------------------- epochs
+
+def apply_epochs(config, data):
+  """config.epochs > 0 -> config.steps = the steps covering `epochs` passes (data.steps_for_epochs).
+
+  As the original (SPEC §6.2): training stops after `epochs` passes while the cosine schedule spans
+  optim.horizon (1.35) times the run. Returns the steps (None when epochs is unset)."""
+  epochs = float(config.get("epochs", 0) or 0)
+  if epochs <= 0:
+    return None
+  config.steps = data.steps_for_epochs(epochs)
+  _say(f"epochs={epochs:g}: steps={config.steps} ({data.stats['rows_per_epoch']} packed rows in "
+       f"the first epoch, global_batch={config.global_batch})")
+  return config.steps
+
+
+def _say(msg):
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------------------- init_from
+
+def load_params(config, abstract_params, param_shardings):
+  """init_from's params, placed on `param_shardings` (the shapes of `abstract_params`)."""
+  path = config.init_from
+  if init_kind(path) == "orbax":
+    meta = json.loads((epath.Path(path) / "model_config.json").read_text())
+    hf.check_saved_config(meta, config)
+    params_dir = str(epath.Path(path) / "params")
+    return checkpoint.restore_onto(params_dir, abstract_params, param_shardings)
+  host = hf_params(path, config)
+  return jax.tree.map(_place, host, param_shardings)
+
+
+def hf_params(path, config):
+  """HF dir -> host float32 params of `config`'s model (upcycled when the dir is dense)."""
+  src = hf.config_from_hf(hf.read_hf_config(path), base=config)
+  hf.check_same_model(src, config, f"--config.init_from={path}", "this config")
+  state = hf.load_hf_state(path)
+  if not cfg.moe_layer_indices(src.moe.layers, src.model.num_layers) and \
+      cfg.moe_layer_indices(config.moe.layers, config.model.num_layers):
+    params = hf.params_from_hf(state, src)
+    return hf.upcycle(params, src, config, jax.random.key(config.seed))
+  hf.check_saved_config({"model": src.model.to_dict(), "moe": src.moe.to_dict()}, config)
+  return hf.params_from_hf(state, config)
+
+
+def _place(x, sharding):
+  x = np.asarray(x, np.float32)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
