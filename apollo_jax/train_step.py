@@ -91,7 +91,9 @@ def forward(model, config, params, batch, train: bool):
     moe_state = state.get("moe", {})
   else:
     (x, w_MV), moe_state = model.apply(variables, batch["input_ids"], **kwargs), {}
-  # the head is used whole by every chunk: gather its FSDP-sharded dimension once
+  # every chunk uses the whole head: gather its FSDP-sharded dimension once, in the compute dtype
+  # (pinned to the parameter's sharding first so the gather does not move the fp32 original)
+  w_MV = nn.with_logical_constraint(w_MV, ("embed", "vocab"))
   w_MV = nn.with_logical_constraint(w_MV, ("act_embed", "vocab"))
   ce = loss.chunked_token_ce(x, w_MV, batch["targets"], config.loss_chunk)
   mask = batch["loss_mask"].astype(jnp.float32)
