@@ -14,11 +14,13 @@ N simulated CPU devices; without it, the machine's own. Prints per device:
            fusion and buffer assignment differ from XLA:GPU/TPU: an estimate, not a promise.
   FLOPs    XLA's cost analysis against the ideal (metrics.flops_per_token x tokens: 6 x active
            params + causal attention). XLA counts a while loop's body ONCE, and the train step
-           has two (scanned layers, grad-accumulation micro-batches); so the FLOPs come from
-           lowering the same step with layers unrolled and one micro-batch (same math), times
-           grad_accum. Lowered (whole-program) and compiled (per device x devices) counts agree
-           to ~1 % (tests/test_plan.py). They include remat recomputation, the attention's masked
-           half, MoE capacity padding and dispatch einsums, and the loss's logit recompute.
+           has three (scanned layers, grad-accumulation micro-batches, loss chunks); so the
+           FLOPs come from lowering the same step with layers unrolled, one micro-batch and an
+           unchunked loss (same math), times grad_accum, plus the chunked loss's logit
+           recompute (2 x hidden x vocab per token). Lowered (whole-program) and compiled (per
+           device x devices) counts agree to ~1 % (tests/test_plan.py). They include remat
+           recomputation, the attention's masked half, MoE capacity padding and dispatch
+           einsums.
 
 `train` calls `before_training` (config.plan): it prints the plan before step 1, or a warning
 when the step does not fit, and reuses the compiled step.
@@ -32,7 +34,7 @@ import jax.numpy as jnp
 
 from apollo_jax import config as cfg
 from apollo_jax import metrics as mx
-from apollo_jax import optimizer, sharding
+from apollo_jax import loss, optimizer, sharding
 from apollo_jax import train_step as ts
 from apollo_jax.model import transformer
 
@@ -84,12 +86,18 @@ def lower_train_step(config, mesh):
 
 
 def hlo_flops(config, mesh) -> float:
-  """XLA's FLOPs of one whole train step (all devices), counted on the unrolled step."""
+  """XLA's FLOPs of one whole train step (all devices), counted on the unrolled step: layers
+  unrolled, one micro-batch (x grad_accum), the loss on whole rows plus the chunked loss's one
+  extra head matmul per token (its backward recomputes the logits)."""
   flat = config.copy_and_resolve_references()
   flat.model.scan_layers = False
-  flat.global_batch, flat.grad_accum = config.global_batch // config.grad_accum, 1
+  flat.global_batch, flat.grad_accum, flat.loss_chunk = config.global_batch // config.grad_accum, 1, 0
   _, lowered = lower_train_step(flat, mesh)
-  return float(lowered.cost_analysis()["flops"]) * config.grad_accum
+  S, m = config.data.seq_len, config.model
+  recompute = 0
+  if loss.chunk_length(S, config.loss_chunk) < S:
+    recompute = 2 * m.hidden_size * m.vocab_size * config.global_batch * S
+  return float(lowered.cost_analysis()["flops"]) * config.grad_accum + recompute
 
 
 def budget_bytes(config, devices) -> float:
