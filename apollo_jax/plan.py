@@ -195,6 +195,11 @@ def main(argv):
     config.device_memory_gb = f.budget_gb
   p = plan(config)
   print(format_plan(config, p))
+  if config.model.remat != "none":   # the FLOPs without remat's recomputation (lowering only)
+    flat = config.copy_and_resolve_references()
+    flat.model.remat = "none"
+    flops = hlo_flops(flat, sharding.make_mesh(flat))
+    print(f"  FLOPs per step without remat: HLO {flops:.4g} -> {flops / p.ideal_flops:.3f} x ideal")
   if not p.fits:
     print(warning(p))
     sys.exit(2)
