@@ -101,7 +101,7 @@ def test_cli_on_the_0p5b_shape():
   out = subprocess.run(
       [sys.executable, "-m", "apollo_jax.plan", "--config=configs/apollo_moe_0p5b.py", "--devices=2",
        "--mesh=fsdp=2", "--config.data.seq_len=128", "--config.global_batch=2",
-       "--config.moe.group_size=128", "--config.loss_chunk=64"],
+       "--config.grad_accum=1", "--config.moe.group_size=128", "--config.loss_chunk=64"],
       cwd=REPO, capture_output=True, text=True, timeout=600,
       env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-3000:]
