@@ -37,8 +37,8 @@ def test_chunked_ce_equals_plain_ce(chunk):
   lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   ce_np = lse - np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0]
   chunked = lambda x, w: _masked_mean(loss.chunked_token_ce(x, w, targets, chunk), mask)
-  value, (gx, gw) = jax.value_and_grad(chunked, (0, 1))(x, w)
-  want, (wx, ww) = jax.value_and_grad(_plain, (0, 1))(x, w, targets, mask)
+  value, (gx, gw) = jax.jit(jax.value_and_grad(chunked, (0, 1)))(x, w)
+  want, (wx, ww) = jax.jit(jax.value_and_grad(_plain, (0, 1)))(x, w, targets, mask)
   np.testing.assert_allclose(value, (ce_np * mask).sum() / mask.sum(), rtol=1e-5)
   np.testing.assert_allclose(value, want, rtol=1e-6)
   np.testing.assert_allclose(gx, wx, rtol=1e-5, atol=1e-7)
@@ -51,7 +51,8 @@ def test_chunked_ce_bf16_hidden_states():
   w = w.astype(jnp.bfloat16)
   chunked = lambda x, w: _masked_mean(loss.chunked_token_ce(x, w, targets, 4), mask)
   (value, (gx, gw)), (want, (wx, ww)) = [
-      jax.value_and_grad(f, (0, 1))(x, w) for f in (chunked, lambda x, w: _plain(x, w, targets, mask))]
+      jax.jit(jax.value_and_grad(f, (0, 1)))(x, w)
+      for f in (chunked, lambda x, w: _plain(x, w, targets, mask))]
   assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16
   np.testing.assert_allclose(value, want, rtol=1e-6)
   for g, ref in ((gx, wx), (gw, ww)):
@@ -80,14 +81,14 @@ def test_chunked_ce_never_builds_whole_logits():
 
 @pytest.fixture(scope="module")
 def tiny_bf16():
-  """(config, model, params, batch) of the tiny model in bf16, untied head."""
-  c = tiny.get_config()
-  c.model.vocab_size, c.model.dtype, c.model.tie_embeddings = 256, "bfloat16", False
+  """(config, model, params, batch) of a 2-layer tiny model (1 dense, 1 MoE) in bf16, untied head."""
+  c = tiny.get_config("moe_layers=last:1")
+  c.model.vocab_size, c.model.dtype, c.model.tie_embeddings, c.model.num_layers = 256, "bfloat16", False, 2
   c.data.seq_len, c.loss_chunk = 16, 4
   model = transformer.build_model(c)
   k = jax.random.split(jax.random.PRNGKey(1), 4)
   ids = jax.random.randint(k[0], (2, 16), 0, 256)
-  params = ts.unbox(model.init(k[1], ids))["params"]
+  params = ts.unbox(jax.jit(model.init)(k[1], ids))["params"]
   batch = {"input_ids": ids, "targets": jax.random.randint(k[2], (2, 16), 0, 256),
            "loss_mask": (jax.random.uniform(k[3], (2, 16)) < 0.7).astype(jnp.int32),
            "segment_ids": jnp.ones((2, 16), jnp.int32), "positions": jnp.tile(jnp.arange(16), (2, 1)),
@@ -97,13 +98,15 @@ def tiny_bf16():
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_both_heads_give_fp32_logits_with_fp32_accumulation(tiny_bf16, tie):
-  c, _, _, batch = tiny_bf16
+  c, _, params, batch = tiny_bf16
   c = c.copy_and_resolve_references()
   c.model.tie_embeddings = tie
   model = transformer.build_model(c)
-  params = ts.unbox(model.init(jax.random.PRNGKey(2), batch["input_ids"]))["params"]
-  logits = model.apply({"params": params}, batch["input_ids"])
-  x, w = model.apply({"params": params}, batch["input_ids"], return_hidden=True)
+  if tie:                                       # the same weights, the head tied to the embedding
+    params = {k: v for k, v in params.items() if k != "lm_head"}
+  logits, (x, w) = jax.jit(lambda p, ids: (model.apply({"params": p}, ids),
+                                           model.apply({"params": p}, ids, return_hidden=True)))(
+      params, batch["input_ids"])
   assert logits.dtype == jnp.float32 and x.dtype == jnp.bfloat16
   want = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.bfloat16), np.float64)
   np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
@@ -114,11 +117,11 @@ def test_train_loss_is_plain_ce_of_the_logits(tiny_bf16):
   """forward (chunked, params cast up front) = masked CE of the model's own logits, and the
   up-front cast changes no number of the loss, its metrics, or the gradients."""
   c, model, params, batch = tiny_bf16
-  lossf = lambda p: ts.forward(model, c, p, batch, train=True)
-  (value, m), grads = jax.value_and_grad(lossf, has_aux=True)(params)
-  logits, _ = model.apply({"params": params}, batch["input_ids"], language_ids=batch["language_ids"],
-                          segment_ids=batch["segment_ids"], positions=batch["positions"], train=True,
-                          mutable=["moe"])
+  lossf = jax.value_and_grad(lambda p: ts.forward(model, c, p, batch, train=True), has_aux=True)
+  (value, m), grads = jax.jit(lossf)(params)
+  logits, _ = jax.jit(lambda p: model.apply(
+      {"params": p}, batch["input_ids"], language_ids=batch["language_ids"],
+      segment_ids=batch["segment_ids"], positions=batch["positions"], train=True, mutable=["moe"]))(params)
   mask = batch["loss_mask"].astype(jnp.float32)
   np.testing.assert_allclose(value, _masked_mean(loss.token_ce(logits, batch["targets"]), mask), rtol=2e-6)
   np.testing.assert_allclose(m["family_count"].sum(), mask.sum())
@@ -126,7 +129,7 @@ def test_train_loss_is_plain_ce_of_the_logits(tiny_bf16):
   as_is = ts.compute_params
   try:
     ts.compute_params = lambda p, config: p        # the layers cast the fp32 params themselves
-    (value32, m32), grads32 = jax.value_and_grad(lossf, has_aux=True)(params)
+    (value32, m32), grads32 = jax.jit(lossf)(params)
   finally:
     ts.compute_params = as_is
   np.testing.assert_allclose(value, value32, rtol=1e-6)
@@ -135,4 +138,4 @@ def test_train_loss_is_plain_ce_of_the_logits(tiny_bf16):
     np.testing.assert_allclose(g, g32, rtol=1e-2, atol=1e-3 * float(np.abs(g32).max()))
   cast = ts.compute_params(params, c)
   assert cast["layers_0"]["mlp"]["up_proj"]["kernel"].dtype == jnp.bfloat16
-  assert cast["layers_3"]["mlp"]["gate"]["kernel"].dtype == jnp.float32     # router stays fp32
+  assert cast["layers_1"]["mlp"]["gate"]["kernel"].dtype == jnp.float32     # router stays fp32

@@ -101,7 +101,8 @@ def test_cli_on_the_0p5b_shape():
   out = subprocess.run(
       [sys.executable, "-m", "apollo_jax.plan", "--config=configs/apollo_moe_0p5b.py", "--devices=2",
        "--mesh=fsdp=2", "--config.data.seq_len=128", "--config.global_batch=2",
-       "--config.grad_accum=1", "--config.moe.group_size=128", "--config.loss_chunk=64"],
+       "--config.grad_accum=1", "--config.moe.group_size=128", "--config.loss_chunk=64",
+       "--config.model.remat=none"],
       cwd=REPO, capture_output=True, text=True, timeout=600,
       env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-3000:]
@@ -117,8 +118,8 @@ def test_cli_on_the_0p5b_shape():
 def test_fsdp_weights_are_all_gathered_in_bf16(tmp_path):
   """bf16 compute: every FSDP weight is gathered as bf16, except the fp32 MoE routers. Read
   after SPMD partitioning (XLA:CPU later widens bf16 collectives to f32; GPU/TPU do not)."""
-  c = tiny.get_config()
-  c.model.dtype, c.model.tie_embeddings, c.model.vocab_size = "bfloat16", False, 512
+  c = tiny.get_config("moe_layers=last:1")
+  c.model.dtype, c.model.tie_embeddings, c.model.vocab_size, c.model.num_layers = "bfloat16", False, 512, 3
   c.moe.expert_multiple, c.moe.group_size = 8, 32
   c.global_batch, c.data.seq_len = 8, 32
   mesh = sharding.make_mesh(c)                      # fsdp = 8
@@ -141,4 +142,4 @@ def test_fsdp_weights_are_all_gathered_in_bf16(tmp_path):
       seen.setdefault(kind, set()).add(dtype)
   assert seen["weight"] == {"bf16"}, seen
   assert seen["router"] == {"f32"}
-  assert len([g for g in gathers if g[0] == "bf16"]) >= 20
+  assert len([g for g in gathers if g[0] == "bf16"]) >= 15
