@@ -87,6 +87,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.peak_flops_per_device = 0.0      # MFU denominator; 0: table by device kind (metrics.PEAK_FLOPS)
   c.debug_nan_at_step = 0            # test hook: update N gets a NaN loss (0: off)
 
+  # Memory (apollo_jax.loss, apollo_jax.plan).
+  c.loss_chunk = 1024                # cross-entropy over chunks of this many positions: only
+                                     # [rows, loss_chunk, V] fp32 logits at a time (0: whole rows)
+  c.plan = "auto"                    # print the AOT memory/FLOP plan before step 1: auto (not
+                                     # on CPU) | on | off
+  c.device_memory_gb = 0.0           # plan budget per device; 0: the device's own (80 on CPU)
+
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 1e-4                        # Apollo-MoE-0.5B (SPEC §6.1)
   o.warmup_ratio = 0.03

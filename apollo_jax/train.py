@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apollo_jax import checkpoint, cli, config as cfg, metrics as mx, optimizer, run_setup, sharding
+from apollo_jax import checkpoint, cli, config as cfg, metrics as mx, optimizer, plan, run_setup, sharding
 from apollo_jax import train_step as ts
 from apollo_jax.data import pipeline
 from apollo_jax.model import transformer
@@ -150,6 +150,8 @@ def _loop(config, workdir, mesh, model, tx, state, shardings, data, ckpt, stop):
     log.print(f"already trained: checkpoint step {start} >= steps={config.steps}")
     log.close()
     return {**summary, "step": start, "status": "done"}
+
+  train_fn = plan.before_training(config, mesh, train_fn, state, log.print)   # memory/FLOP plan
 
   if start == 0 and config.eval_every > 0:     # baseline for "is eval loss falling"
     summary["eval_loss_start"] = evaluate(eval_fn, state["params"], data, mesh, rows)["eval_loss"]

@@ -1,7 +1,7 @@
 """Train state, loss, and the jitted train/eval steps (pure functions of arrays).
 
 Loss (as the original, SPEC §6.2): per micro-batch the token-mean fp32 cross-entropy over
-`loss_mask`, averaged over the `grad_accum` micro-batches (mean of means, not a global token
+`loss_mask` (computed `config.loss_chunk` positions at a time, apollo_jax.loss), averaged over the `grad_accum` micro-batches (mean of means, not a global token
 mean), plus `transformer.moe_aux_loss`. Per-language-family CE sums and token counts ride along
 as metrics (family = languages.expert_map('family7')[language_id]).
 
@@ -17,7 +17,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from apollo_jax import languages, optimizer, sharding
+from apollo_jax import languages, loss, optimizer, sharding
+from apollo_jax.model import layers
 from apollo_jax.model.transformer import unbox
 
 FAMILY_OF_LANGUAGE = languages.expert_map("family7")
@@ -66,37 +67,49 @@ def init_state(config, tx, shardings, init_fn, params=None):
 
 # ----------------------------------------------------------------------------- loss
 
-def token_ce(logits, targets):
-  """fp32 cross-entropy per token: logsumexp(logits) - logits[target]."""
-  logits = logits.astype(jnp.float32)
-  gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return jax.nn.logsumexp(logits, axis=-1) - gold
+def compute_params(params, config):
+  """Params in the compute dtype (model.dtype), cast BEFORE the model uses them, so the FSDP
+  all-gathers move bf16, not fp32. The same values the layers would cast to themselves; the
+  MoE routers (`gate`) stay fp32 (fp32 routing, as the model computes it)."""
+  dtype = layers.dtype_of(config.model.dtype)
+  if dtype == jnp.float32:
+    return params
+
+  def cast(path, p):
+    keep = any(getattr(k, "key", None) == "gate" for k in path)
+    return p if keep or not jnp.issubdtype(p.dtype, jnp.floating) else p.astype(dtype)
+  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def forward(model, config, params, batch, train: bool):
   """Per-micro-batch loss terms: (objective, metrics dict)."""
   kwargs = dict(language_ids=batch["language_ids"], segment_ids=batch["segment_ids"],
-                positions=batch["positions"], train=train)
+                positions=batch["positions"], train=train, return_hidden=True)
+  variables = {"params": compute_params(params, config)}
   if train:
-    logits, variables = model.apply({"params": params}, batch["input_ids"], mutable=["moe"], **kwargs)
-    moe_state = variables.get("moe", {})
+    (x, w_MV), state = model.apply(variables, batch["input_ids"], mutable=["moe"], **kwargs)
+    moe_state = state.get("moe", {})
   else:
-    logits, moe_state = model.apply({"params": params}, batch["input_ids"], **kwargs), {}
-  ce = token_ce(logits, batch["targets"])
+    (x, w_MV), moe_state = model.apply(variables, batch["input_ids"], **kwargs), {}
+  # every chunk uses the whole head: gather its FSDP-sharded dimension once, in the compute dtype
+  # (pinned to the parameter's sharding first so the gather does not move the fp32 original)
+  w_MV = nn.with_logical_constraint(w_MV, ("embed", "vocab"))
+  w_MV = nn.with_logical_constraint(w_MV, ("act_embed", "vocab"))
+  ce = loss.chunked_token_ce(x, w_MV, batch["targets"], config.loss_chunk)
   mask = batch["loss_mask"].astype(jnp.float32)
   ce_sum, count = jnp.sum(ce * mask), jnp.sum(mask)
   family = jax.nn.one_hot(jnp.asarray(FAMILY_OF_LANGUAGE)[batch["language_ids"]], NUM_FAMILIES)
   metrics = {"ce_sum": ce_sum, "count": count,
              "family_ce_sum": jnp.einsum("bs,bsf->f", ce * mask, family),
              "family_count": jnp.einsum("bs,bsf->f", mask, family)}
-  loss = ce_sum / jnp.maximum(count, 1.0)
+  objective = ce_sum / jnp.maximum(count, 1.0)
   aux = jnp.zeros((), jnp.float32)
   if moe_state:
     from apollo_jax.model import transformer
     aux = transformer.moe_aux_loss(moe_state, config)
     metrics.update(transformer.moe_metrics(moe_state))
-  metrics["ce"], metrics["aux_loss"] = loss, aux
-  return loss + aux, metrics
+  metrics["ce"], metrics["aux_loss"] = objective, aux
+  return objective + aux, metrics
 
 
 def split_micro_batches(batch, grad_accum: int, mesh):

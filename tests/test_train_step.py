@@ -14,14 +14,15 @@ V, D, B, S = 32, 8, 4, 6
 
 
 class StandIn(nn.Module):
-  """logits = embed[ids] @ W + b: a model with the transformer's call signature and no MoE."""
+  """logits = embed[ids] @ W: a model with the transformer's call signature and no MoE."""
 
   @nn.compact
-  def __call__(self, ids, language_ids=None, segment_ids=None, positions=None, train=False):
+  def __call__(self, ids, language_ids=None, segment_ids=None, positions=None, train=False,
+               return_hidden=False):
     p = lambda name, names, shape: self.param(
         name, nn.with_logical_partitioning(nn.initializers.normal(1.0), names), shape)
-    return p("embedding", ("vocab", "embed"), (V, D))[ids] @ p("kernel", ("embed", "vocab"), (D, V)) \
-        + p("bias", ("vocab",), (V,))
+    x, w = p("embedding", ("vocab", "embed"), (V, D))[ids], p("kernel", ("embed", "vocab"), (D, V))
+    return (x, w) if return_hidden else x @ w
 
 
 def _config(**kw):
@@ -48,7 +49,7 @@ def _setup(config):
 
 
 def _np_ce(params, b):
-  logits = params["embedding"][b["input_ids"]] @ params["kernel"] + params["bias"]
+  logits = params["embedding"][b["input_ids"]] @ params["kernel"]
   logits = logits - logits.max(-1, keepdims=True)
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   return -np.take_along_axis(logp, b["targets"][..., None], -1)[..., 0]

@@ -78,12 +78,28 @@ def _remat(cls, policy: str, scanned: bool):
   return nn.remat(cls, policy=pol, prevent_cse=not scanned)
 
 
+def head_logits(x_BSM, w_MV):
+  """fp32 logits of either head: the matmul in x's dtype with fp32 accumulation and output."""
+  return jnp.einsum("BSM,MV->BSV", x_BSM, w_MV.astype(x_BSM.dtype), preferred_element_type=jnp.float32)
+
+
+class LMHead(nn.Module):
+  """The untied head's kernel [M, V] (param lm_head/kernel = HF lm_head.weight transposed)."""
+  shape: tuple
+  std: float
+
+  @nn.compact
+  def __call__(self):
+    return self.param("kernel", layers.kernel_init(self.std, ("embed", "vocab")), self.shape, jnp.float32)
+
+
 class Transformer(nn.Module):
+  """Logits [B, S, V] fp32; with return_hidden, (final-norm hidden states [B, S, M], head [M, V])."""
   config: Any
 
   @nn.compact
   def __call__(self, input_ids, language_ids=None, segment_ids=None, positions=None,
-               train: bool = False):
+               train: bool = False, return_hidden: bool = False):
     m, e = self.config.model, self.config.moe
     dtype = layers.dtype_of(m.dtype)
     B, S = input_ids.shape
@@ -99,8 +115,10 @@ class Transformer(nn.Module):
                      name="embed_tokens")
     # All-gather the table's FSDP-sharded embedding dim before the lookup (as for every FSDP
     # weight): otherwise the lookup's gradient needs a batch->embed reshard XLA can only do by
-    # replicating the activations.
-    table = nn.with_logical_constraint(embed.embedding, ("vocab", "act_embed"))
+    # replicating the activations. Pinning the table's own sharding first makes the gather move
+    # the table in the dtype it arrives in (bf16 from train_step.compute_params), not fp32.
+    table = nn.with_logical_constraint(embed.embedding, ("vocab", "embed"))
+    table = nn.with_logical_constraint(table, ("vocab", "act_embed"))
     x = nn.with_logical_constraint(jnp.take(table, input_ids, axis=0).astype(dtype), ACT)
 
     for p in plan:
@@ -117,12 +135,12 @@ class Transformer(nn.Module):
 
     x = layers.RMSNorm(m.rms_norm_eps, name="norm")(x)
     if m.tie_embeddings:
-      logits = jnp.einsum("BSM,VM->BSV", x, embed.embedding.astype(dtype),
-                          preferred_element_type=jnp.float32)
+      w_MV = embed.embedding.T
     else:
-      logits = layers.dense(m.vocab_size, ("embed", "vocab"), m.init_std, dtype,
-                            name="lm_head")(x)
-    return nn.with_logical_constraint(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+      w_MV = LMHead((m.hidden_size, m.vocab_size), m.init_std, name="lm_head")()
+    if return_hidden:       # the loss computes the logits a chunk at a time (apollo_jax.loss)
+      return x, w_MV
+    return nn.with_logical_constraint(head_logits(x, w_MV), ("act_batch", "act_length", "act_vocab"))
 
   def _family(self, language_ids, train, has_moe):
     """Per-token expert ids from language indices (constant table), with clear errors."""
