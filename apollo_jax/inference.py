@@ -84,8 +84,9 @@ def _abstract(config, mesh):
 class LM:
   """A model ready for inference: .config .module .params .tokenizer .mesh (see module doc)."""
 
-  def __init__(self, config, params, tokenizer=None, mesh=None, source="", eos_id=None):
+  def __init__(self, config, params, tokenizer=None, mesh=None, source="", eos_id=None, kind="params"):
     self.config, self.params, self.tokenizer, self.source = config, params, tokenizer, source
+    self.kind = kind          # where it came from: workdir | converted | hf | params
     # EOS: the tokenizer's, else the checkpoint's (HF generation_config), else none (-1: never stop)
     self.eos_id = tokenizer.eos_id if tokenizer is not None else (-1 if eos_id is None else eos_id)
     self.mesh = mesh if mesh is not None else choose_mesh(config)[0]
@@ -354,7 +355,7 @@ def load(path, step=None, tokenizer=None, dtype=None, devices=None, mesh=None) -
     mesh_, config, params = _place(config, params, devices, mesh)
   logging.info("loaded %s (%s%s) on mesh %s", path, kind, f", step {step}" if kind == "workdir" else "",
                dict(mesh_.shape))
-  return LM(config, params, tok, mesh_, source=path, eos_id=eos)
+  return LM(config, params, tok, mesh_, source=path, eos_id=eos, kind=kind)
 
 
 def from_params(config, params, tokenizer=None, devices=None, mesh=None, eos_id=None) -> LM:
