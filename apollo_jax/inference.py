@@ -62,8 +62,9 @@ def choose_mesh(config, devices=None, mesh=None):
     c.mesh.update(cand)
     try:
       sizes = cfg.mesh_shape(c, len(devs))
-      c.global_batch, c.grad_accum = sizes["data"] * sizes["fsdp"] * sizes["expert"], 1
-      cfg.validate(c, len(devs))
+      v = ml_collections.ConfigDict(c.to_dict())   # inference pads its batches to the mesh instead
+      v.global_batch, v.grad_accum = sizes["data"] * sizes["fsdp"] * sizes["expert"], 1
+      cfg.validate(v, len(devs))
       m = sharding.make_mesh(c, devs)
       sharding.check_divisible(*_abstract(c, m))
       return m, c
