@@ -1,7 +1,8 @@
 """Shared builders for the inference / generation / export tests (cached per pytest process).
 
-* `trained_workdir`: a real `python -m apollo_jax.train` run of the shrunk tiny config (Post-MoE,
-  Hybrid-2, 7 experts padded to 8; 4 steps, checkpoints at 2 and 4);
+* `workdir`: a training workdir (config.json, tokenizer copy, Orbax checkpoints at steps 2 and 4)
+  of the randomized "hybrid8" model, written by the code train.py uses (test_train_e2e checks
+  that a real run writes config.json);
 * `randomized(variant)`: tiny models whose every weight is random and large (norm scales 1 +
   0.1 z, other weights 0.2 z), so logits are far from uniform and a 1e-4 bound means something:
   variants "hybrid8" (last:2, 7 experts padded to 8), "dense" (untied head), "last3", "all";
@@ -13,9 +14,7 @@ import os
 import jax
 import numpy as np
 
-import train_fixtures as tf
-
-REPO = tf.REPO
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_TOKENIZER = os.path.join(REPO, "data/sample/tokenizer.model")
 VARIANTS = {
     "hybrid8": dict(moe_layers="last:2", expert_multiple=8, tie=True),
@@ -26,12 +25,31 @@ VARIANTS = {
 _CACHE = {}
 
 
-def trained_workdir(data, jit_cache, root):
+class _NoData:
+  def get_state(self):
+    return {}
+
+
+def workdir(root):
+  """A training workdir written by train.py's own pieces (config.json + tokenizer copy by
+  workdir.write_config, Orbax checkpoints by checkpoint.Checkpointer): the randomized "hybrid8"
+  model (Post-MoE, Hybrid-2, 7 experts padded to 8) at steps 2 and 4 (different weights)."""
   if "workdir" not in _CACHE:
-    workdir = os.path.join(root, "trained")
-    flags = tf.flags(data, 4, eval_every=0, ckpt__every=2, log_every=2)
-    tf.check_ok(tf.run(workdir, flags, 1, jit_cache))
-    _CACHE["workdir"] = workdir
+    import jax.numpy as jnp
+    from apollo_jax import checkpoint, optimizer, workdir as workdir_io
+    path = os.path.join(root, "workdir")
+    config = tiny_config(**VARIANTS["hybrid8"])
+    config.steps, config.global_batch = 4, 16
+    workdir_io.write_config(config, path)
+    tx = optimizer.make_optimizer(config)
+    ckpt = checkpoint.Checkpointer(path, config)
+    for step in (2, 4):
+      params = jax.tree.map(jnp.asarray, randomized_params(config, seed=step))
+      state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(step),
+               "rng": jax.random.PRNGKey(0)}
+      ckpt.save(step, state, _NoData())
+    ckpt.close()
+    _CACHE["workdir"] = path
   return _CACHE["workdir"]
 
 

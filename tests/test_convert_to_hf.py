@@ -19,13 +19,13 @@ from apollo_jax import tokenizer_export  # noqa: E402
 from apollo_jax.data import chat, records  # noqa: E402
 from apollo_jax.data.tokenizer import load_tokenizer  # noqa: E402
 
-IDS = np.random.RandomState(0).randint(0, 600, (2, 13)).astype(np.int32)
+IDS = np.random.RandomState(0).randint(0, 4096, (2, 13)).astype(np.int32)
 
 
 @pytest.fixture(scope="module")
-def trained(data, jit_cache, tmp_path_factory):
-  """(LM of the trained workdir, its fp32 export dir)."""
-  workdir = lf.trained_workdir(data, jit_cache, str(tmp_path_factory.getbasetemp()))
+def trained(tmp_path_factory):
+  """(LM of the workdir, its fp32 export dir)."""
+  workdir = lf.workdir(str(tmp_path_factory.getbasetemp()))
   out = str(tmp_path_factory.mktemp("trained_export"))
   files = convert_to_hf.convert(workdir, out, dtype="float32")
   assert "model.safetensors" in files and "tokenizer.json" in files
@@ -46,11 +46,11 @@ def test_trained_hybrid_export(trained):
   assert lm.params["layers_2"]["mlp"]["experts"]["gate_proj"].shape[0] == 8      # padded on the mesh
   model, ref = _check_loads(lm, out)
   assert type(model).__name__ == "Qwen2MoeForCausalLM"
-  assert np.abs(ref).max() > 0.05
+  assert np.abs(ref).max() > 1.0
   c = json.load(open(os.path.join(out, "config.json")))
   assert c["architectures"] == ["Qwen2MoeForCausalLM"] and c["mlp_only_layers"] == [0, 1]
   assert (c["num_experts"], c["num_experts_per_tok"], c["norm_topk_prob"]) == (7, 2, False)
-  assert c["moe_intermediate_size"] == c["intermediate_size"] == 128
+  assert c["moe_intermediate_size"] == c["intermediate_size"] == 128 and c["vocab_size"] == 4096
   assert (c["shared_expert_intermediate_size"], c["decoder_sparse_step"]) == (0, 1)
   state = hf.load_hf_state(out)
   assert "model.layers.3.mlp.experts.6.up_proj.weight" in state and "lm_head.weight" not in state
@@ -94,7 +94,9 @@ def test_roundtrip_exact_and_sharded_bf16(trained, tmp_path):
   index = json.load(open(os.path.join(sharded, "model.safetensors.index.json")))
   shards = sorted(set(index["weight_map"].values()))
   assert len(shards) > 2 and set(shards) <= set(files)
-  assert all(os.path.getsize(os.path.join(sharded, s)) < 100_000 + 70_000 for s in shards)
+  for name in shards:                            # at most the limit, unless one tensor is larger
+    keys = [k for k, v in index["weight_map"].items() if v == name]
+    assert os.path.getsize(os.path.join(sharded, name)) <= 100_000 + 8 * 1024 or len(keys) == 1
   want, got = hf.load_hf_state(out), hf.load_hf_state(sharded)
   assert set(got) == set(want)
   for k, v in want.items():

@@ -67,28 +67,30 @@ def test_decode_logits_equal_full_forward(moe):
 
 def test_no_recompile_per_token_or_length_in_bucket(moe):
   lm, _, _ = moe
-  lm.generate([PROMPTS[0]], max_new_tokens=6)
+  lm.generate(PROMPTS, max_new_tokens=12)                 # batch bucket 4, prompts 32, new tokens 16
   sizes = (decoding.Decoder.prefill._cache_size(), decoding.Decoder.step._cache_size())
-  lm.generate([PROMPTS[1][:9]], max_new_tokens=14)        # other length, same buckets
+  other = [list(range(10, 10 + n)) for n in (30, 17, 25)]
+  lm.generate(other, max_new_tokens=16, temperature=0.7, top_p=0.9)   # same buckets, sampling
   assert (decoding.Decoder.prefill._cache_size(), decoding.Decoder.step._cache_size()) == sizes
   assert decoding.bucket(3) == 16 and decoding.bucket(17) == 32 and decoding.bucket(3, 1) == 4
 
 
 def test_seeded_sampling(moe):
-  lm, _, _ = moe
-  a = lm.generate(PROMPTS[:2], max_new_tokens=8, temperature=1.0, seed=1)
-  assert a == lm.generate(PROMPTS[:2], max_new_tokens=8, temperature=1.0, seed=1)
-  assert a != lm.generate(PROMPTS[:2], max_new_tokens=8, temperature=1.0, seed=2)
-  greedy = lm.generate(PROMPTS[:2], max_new_tokens=8)
+  lm, _, _ = moe                                 # the shapes of the greedy test: nothing compiles
+  a = lm.generate(PROMPTS, max_new_tokens=8, temperature=1.0, seed=1)
+  assert a == lm.generate(PROMPTS, max_new_tokens=8, temperature=1.0, seed=1)
+  assert a != lm.generate(PROMPTS, max_new_tokens=8, temperature=1.0, seed=2)
+  greedy = lm.generate(PROMPTS, max_new_tokens=8)
   assert a != greedy
-  assert lm.generate(PROMPTS[:2], max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=5) == greedy
+  assert lm.generate(PROMPTS, max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=5) == greedy
 
 
 def test_top_p_keeps_the_nucleus():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   keys = jax.random.split(jax.random.key(0), 4000)
+  draw = jax.jit(jax.vmap(lambda k, top_p: decoding.sample(logits, k, 1.0, top_p)[0], in_axes=(0, None)))
   for top_p, allowed, p0 in ((0.7, {0, 1}, 0.5 / 0.8), (0.85, {0, 1, 2}, 0.5 / 0.95), (1.0, {0, 1, 2, 3}, 0.5)):
-    d = np.asarray(jax.vmap(lambda k: decoding.sample(logits, k, 1.0, top_p)[0])(keys))
+    d = np.asarray(draw(keys, top_p))
     assert set(d.tolist()) == allowed
     assert abs(np.mean(d == 0) - p0) < 0.04
 

@@ -18,12 +18,12 @@ from apollo_jax import convert_from_hf, inference, workdir as workdir_io  # noqa
 from apollo_jax.data.tokenizer import load_tokenizer  # noqa: E402
 
 ONE = jax.devices()[:1]
-IDS = np.random.RandomState(1).randint(0, 600, (3, 10)).astype(np.int32)
+IDS = np.random.RandomState(1).randint(0, 4096, (3, 10)).astype(np.int32)
 
 
 @pytest.fixture(scope="module")
-def workdir(data, jit_cache, tmp_path_factory):
-  return lf.trained_workdir(data, jit_cache, str(tmp_path_factory.getbasetemp()))
+def workdir(tmp_path_factory):
+  return lf.workdir(str(tmp_path_factory.getbasetemp()))
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +36,10 @@ def _flat(params):
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def test_workdir_config_checkpoints_and_tokenizer(workdir, data):
+def test_workdir_config_checkpoints_and_tokenizer(workdir):
   config = workdir_io.read_config(workdir)
-  assert (config.model.vocab_size, config.moe.expert_multiple, config.steps, config.data.seq_len) == (640, 8, 4, 64)
-  assert open(os.path.join(workdir, "tokenizer.model"), "rb").read() == open(data[1], "rb").read()
+  assert (config.model.vocab_size, config.moe.expert_multiple, config.steps, config.global_batch) == (4096, 8, 4, 16)
+  assert open(os.path.join(workdir, "tokenizer.model"), "rb").read() == open(lf.SAMPLE_TOKENIZER, "rb").read()
   assert workdir_io.checkpoint_steps(workdir) == [2, 4]
   lm = inference.load(workdir, devices=ONE)
   assert lm.kind == "workdir" and lm.tokenizer.eos_id == 3
