@@ -42,17 +42,12 @@ def inference_config(config, expert_multiple=None):
   return c
 
 
-def _mesh_candidates(config, devices):
-  yield dict(config.mesh.to_dict())
-  yield dict(data=1, fsdp=-1, expert=1, tensor=1)
-  yield None                     # one device
-
-
 def choose_mesh(config, devices=None, mesh=None):
   """(mesh, config with that mesh): config.mesh (or `mesh`, a dict of axis sizes) if it fits the
   devices and the params divide over it, else FSDP over all devices, else one device."""
   devices = list(jax.devices() if devices is None else devices)
-  candidates = [mesh] if mesh is not None else list(_mesh_candidates(config, devices))
+  candidates = [mesh] if mesh is not None else [   # None: one device
+      dict(config.mesh.to_dict()), dict(data=1, fsdp=-1, expert=1, tensor=1), None]
   errors = []
   for cand in candidates:
     c = ml_collections.ConfigDict(config.to_dict())
