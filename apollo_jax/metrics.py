@@ -164,13 +164,6 @@ def _lines_upto(path, step: int) -> list:
           if line.strip() and json.loads(line).get("step", 0) <= step]
 
 
-def write_config(workdir: str, config):
-  """WORKDIR/config.json: the resolved config of this run (process 0 only)."""
-  if jax.process_index() == 0:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-
-
 def _init_wandb(config, workdir: str):
   import wandb
   # Offline unless a key is configured: online with no reachable server blocks ~100 s (JAX_NOTES f).

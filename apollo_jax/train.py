@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from apollo_jax import checkpoint, cli, config as cfg, metrics as mx, optimizer, plan, run_setup, sharding
 from apollo_jax import train_step as ts
+from apollo_jax import workdir as workdir_io
 from apollo_jax.data import pipeline
 from apollo_jax.model import transformer
 
@@ -111,7 +112,7 @@ def train(config, workdir: str) -> dict:
                               jax.process_index(), jax.process_count())
     config = pipeline.skip_empty_eval(config, data)
     run_setup.apply_epochs(config, data)  # steps from config.epochs: before the schedule is built
-    mx.write_config(workdir, config)
+    workdir_io.write_config(config, workdir)   # WORKDIR/config.json + tokenizer: all inference/export need
     tx = optimizer.make_optimizer(config)
     abstract, shardings, init_fn = ts.state_shardings(model, config, tx, mesh)
     ckpt = checkpoint.Checkpointer(workdir, config)

@@ -13,6 +13,7 @@ import pytest
 
 import train_fixtures as tf
 from apollo_jax import checkpoint, metrics, optimizer, sharding
+from apollo_jax import workdir as workdir_io
 from apollo_jax import train_step as ts
 from apollo_jax.model import transformer
 
@@ -42,7 +43,7 @@ def test_gs_workdir_metrics_and_config(gs_in_memory, monkeypatch):
   log.write(1, {"loss": 1.0})
   log.write(2, {"loss": np.float32(0.5)})
   log.close()
-  metrics.write_config(work, c)
+  workdir_io.write_config(c, work)
   assert any(k.endswith("bucket/run/metrics.jsonl") for k in gs_in_memory)
   read = lambda: [json.loads(x) for x in epath.Path(work, "metrics.jsonl").read_text().splitlines()]
   assert read() == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
@@ -56,7 +57,7 @@ def test_gs_workdir_metrics_and_config(gs_in_memory, monkeypatch):
   log = metrics.Logger("gs://bucket/other", c, 0)
   log.write(1, {"loss": 1.0})
   log.close()
-  metrics.write_config("gs://bucket/other", c)
+  workdir_io.write_config(c, "gs://bucket/other")
   assert not any("other" in k for k in gs_in_memory)
 
 
