@@ -24,6 +24,7 @@ from ml_collections import config_flags
 from apollo_jax import checkpoint, config as cfg, hf, metrics as mx, optimizer, sharding
 from apollo_jax import train_step as ts
 from apollo_jax.data import pipeline
+from apollo_jax.evaluation import in_training
 from apollo_jax.model import transformer
 
 
@@ -131,6 +132,7 @@ def _loop(config, workdir, mesh, model, tx, state, shardings, data, ckpt, stop):
   peak, peak_src = mx.peak_flops(config)
   start = int(state["step"])
   log = mx.Logger(workdir, config, start)
+  bench = in_training.make(config, model, mesh, data.tokenizer)   # None unless bench_eval.every > 0
   keys = ("train_samples", "eval_samples", "steps_per_epoch", "packing_efficiency", "bad_records_skipped")
   log.print("data: " + ", ".join(f"{k}={data.stats[k]:.3g}" if isinstance(data.stats[k], float)
                                  else f"{k}={data.stats[k]}" for k in keys if k in data.stats))
@@ -168,7 +170,8 @@ def _loop(config, workdir, mesh, model, tx, state, shardings, data, ckpt, stop):
     pending = (step, m)
     stopping = stop.requested()
     do_eval = config.eval_every > 0 and (step % config.eval_every == 0 or step == config.steps)
-    do_log = step % config.log_every == 0 or step == config.steps or do_eval or stopping
+    do_bench = bench is not None and bench.due(step)
+    do_log = step % config.log_every == 0 or step == config.steps or do_eval or do_bench or stopping
     do_ckpt = step % config.ckpt.every == 0 or step == config.steps or stopping
     if t0 is None:                   # the first step compiled: time from here on
       jax.block_until_ready(m["loss"])
@@ -197,6 +200,10 @@ def _loop(config, workdir, mesh, model, tx, state, shardings, data, ckpt, stop):
         summary["eval_loss"] = rec["eval_loss"]
         log.print(f"step {step}: loss {loss:.4f}  eval_loss {rec['eval_loss']:.4f}")
         excluded += time.time() - t_eval
+      if do_bench:
+        t_bench = time.time()
+        rec.update(bench(state["params"]))
+        excluded += time.time() - t_bench
       log.write(step, rec)
       summary["loss"] = loss
     if do_ckpt:

@@ -3,8 +3,12 @@ log-likelihoods. `lm` is anything with the `apollo_jax.inference` interface:
   lm.generate(prompts, max_new_tokens=..., temperature=0.0) -> generated strings
   lm.score(prompts, continuations) -> summed log-probabilities (numpy)
   lm.tokenizer.encode(text) -> ids
-Calls are made in batches of similar-length prompts (less padding) behind a progress bar.
+Calls are made in batches of similar-length prompts (less padding) behind a progress bar. An lm
+whose score/generate take a `languages` argument also gets each prompt's language code (models
+with language-specific routing need it).
 """
+
+import inspect
 
 import numpy as np
 from tqdm import tqdm
@@ -14,6 +18,12 @@ from apollo_jax.evaluation.extract import extract_answer
 
 METHODS = {"generate": ("generate",), "loglik": ("loglik", "loglik_norm"),
            "both": ("generate", "loglik", "loglik_norm")}
+
+
+def _languages(fn, prompts, idx):
+  if "languages" in inspect.signature(fn).parameters:
+    return {"languages": [prompts[i].item.language for i in idx]}
+  return {}
 
 
 def _batches(keys, batch_size):
@@ -27,7 +37,8 @@ def generate(lm, prompts, max_new_tokens=256, batch_size=8, progress=True, desc=
   out = [None] * len(prompts)
   with tqdm(total=len(prompts), desc=desc, disable=not progress, dynamic_ncols=True) as bar:
     for idx in _batches([len(p.text) for p in prompts], batch_size):
-      texts = lm.generate([prompts[i].text for i in idx], max_new_tokens=max_new_tokens, temperature=0.0)
+      texts = lm.generate([prompts[i].text for i in idx], max_new_tokens=max_new_tokens, temperature=0.0,
+                          **_languages(lm.generate, prompts, idx))
       for i, response in zip(idx, texts):
         out[i] = {"response": response, "extracted": extract_answer(response)}
       bar.update(len(idx))
@@ -43,7 +54,9 @@ def loglik(lm, prompts, templates, batch_size=16, progress=True, desc="loglik"):
   with tqdm(total=len(prompts), desc=desc, disable=not progress, dynamic_ncols=True) as bar:
     done = 0.0
     for idx in _batches([len(p.text) + len(c) for p, _, c in pairs], batch_size):
-      scores[idx] = np.asarray(lm.score([pairs[i][0].text for i in idx], [pairs[i][2] for i in idx]))
+      firsts = [pairs[i][0] for i in idx]
+      scores[idx] = np.asarray(lm.score([p.text for p in firsts], [pairs[i][2] for i in idx],
+                                        **_languages(lm.score, firsts, range(len(idx)))))
       done += sum(1 / len(pairs[i][0].item.labels) for i in idx)
       bar.update(round(done) - bar.n)
   out, k = [], 0
