@@ -34,3 +34,36 @@ def read_safetensors(path) -> dict:
       raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dt}")
     out[name] = arr.reshape(shape)
   return out
+
+
+_WRITE_DTYPES = {"float32": ("F32", "<f4"), "bfloat16": ("BF16", None), "float16": ("F16", "<f2")}
+
+
+def to_bytes(arr, dtype: str) -> bytes:
+  """Little-endian bytes of `arr` in `dtype` (bfloat16: round to nearest even, via ml_dtypes)."""
+  if dtype == "bfloat16":
+    import ml_dtypes
+    return np.ascontiguousarray(np.asarray(arr, np.float32).astype(ml_dtypes.bfloat16)).view("<u2").tobytes()
+  return np.ascontiguousarray(np.asarray(arr).astype(_WRITE_DTYPES[dtype][1])).tobytes()
+
+
+def write_safetensors(path, tensors: dict, dtype: str = "float32", metadata=None):
+  """{name: array} -> one .safetensors file with every tensor in `dtype` (zero-size ones too)."""
+  if dtype not in _WRITE_DTYPES:
+    raise ValueError(f"dtype={dtype!r}; choose one of {tuple(_WRITE_DTYPES)}")
+  header, blobs, offset = {}, [], 0
+  for name, arr in tensors.items():
+    raw = to_bytes(arr, dtype)
+    header[name] = {"dtype": _WRITE_DTYPES[dtype][0], "shape": list(np.shape(arr)),
+                    "data_offsets": [offset, offset + len(raw)]}
+    blobs.append(raw)
+    offset += len(raw)
+  if metadata:
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+  text = json.dumps(header, separators=(",", ":")).encode()
+  text += b" " * (-len(text) % 8)           # data starts 8-byte aligned
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(text)))
+    f.write(text)
+    for raw in blobs:
+      f.write(raw)

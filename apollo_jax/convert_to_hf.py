@@ -1,0 +1,52 @@
+"""Export a model to a stock-transformers HF dir (no trust_remote_code):
+
+  python -m apollo_jax.convert_to_hf --model=runs/tiny --out=export/tiny [--dtype=bfloat16|float32]
+      [--max_shard_size=5GB] [--step=N] [--tokenizer=PATH] [--force_topk]
+
+--model is anything `apollo_jax.inference.load` reads: a training workdir (latest complete
+checkpoint, or --step), a convert_from_hf output dir, or an HF dir. Writes safetensors (sharded
+with an index above --max_shard_size), config.json, generation_config.json, tokenizer files with
+the chat template, and a README.md model card. See apollo_jax/hf_export.py for the format.
+"""
+
+from absl import app, flags
+
+
+def define_flags():
+  """CLI flags; defined only when run as a script, so importing this module never clashes."""
+  flags.DEFINE_string("model", None, "Training workdir, convert_from_hf dir or HF dir.")
+  flags.DEFINE_string("out", None, "Output HF dir.")
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Weight dtype on disk.")
+  flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file, e.g. 5GB, 500MB.")
+  flags.DEFINE_integer("step", None, "Workdir checkpoint step (default: the latest complete one).")
+  flags.DEFINE_string("tokenizer", None, "Tokenizer to ship (default: the model's own).")
+  flags.DEFINE_bool("force_topk", False, "Export routing='language' models anyway (HF routes by top-k).")
+
+
+def convert(model, out, dtype="bfloat16", max_shard_size="5GB", step=None, tokenizer=None, force_topk=False):
+  """Returns the list of files written to `out`."""
+  import os
+  from apollo_jax import hf_export, inference
+  hf_export.parse_size(max_shard_size)        # fail on bad flags before loading anything
+  if os.path.exists(out) and os.listdir(out):
+    raise FileExistsError(f"--out={out} exists and is not empty; choose a new directory")
+  lm = inference.load(model, step=step, tokenizer=tokenizer)
+  hf_export.check_exportable(lm.config, force_topk)
+  if lm.tokenizer is None:
+    print(f"warning: {model} has no tokenizer; exporting weights and config only (pass --tokenizer)")
+  return hf_export.export(lm, out, dtype, max_shard_size, force_topk)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  if not f.model or not f.out:
+    raise app.UsageError("--model and --out are required")
+  files = convert(f.model, f.out, f.dtype, f.max_shard_size, f.step, f.tokenizer, f.force_topk)
+  print(f"wrote {f.out}: {', '.join(files)}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
