@@ -20,6 +20,8 @@ def define_flags():
   from apollo_jax.evaluation import bench, prompts
   flags.DEFINE_string("model", None, "workdir, converted params dir or HF Qwen2/Qwen2-MoE dir")
   flags.DEFINE_integer("step", None, "checkpoint step of a workdir (default: the latest)")
+  flags.DEFINE_string("tokenizer", None, "tokenizer file (default: the model's own; needed for a "
+                      "convert_from_hf dir)")
   flags.DEFINE_string("bench", "data/sample/apollo_moe_bench_sample.json",
                       "ApolloMoEBench JSON: a path, a glob or a comma-separated list")
   flags.DEFINE_string("out", None, "output directory")
@@ -46,7 +48,7 @@ def main(argv):
     if not FLAGS[name].value:
       raise app.UsageError(f"--{name} is required")
   from apollo_jax import evaluation, inference
-  lm = inference.load(FLAGS.model, step=FLAGS.step)
+  lm = inference.load(FLAGS.model, step=FLAGS.step, tokenizer=FLAGS.tokenizer)
   _, scores = evaluation.evaluate(
       lm, FLAGS.bench, FLAGS.out, mode=FLAGS.mode, shots=FLAGS.shots, seed=FLAGS.seed,
       limit=FLAGS.limit, languages=FLAGS.languages or None, templates=FLAGS.templates,

@@ -266,21 +266,26 @@ def test_aggregate_without_exclusions():
 
 
 class FakeLM:
-  """Prefers option `planted` in both modes; counts its calls."""
+  """The inference.LM interface on token ids; prefers option `planted` in both modes; logs calls."""
 
   def __init__(self, planted="C", response=None):
     self.tokenizer = tok_lib.load_tokenizer(TOKENIZER)
     self.planted, self.response = planted, response
     self.calls = []
 
-  def score(self, prompts_, continuations):
-    self.calls.append(("score", len(prompts_)))
-    assert all(p.endswith("Assistant:") for p in prompts_)
-    return np.array([0.0 if f"({self.planted})" in c else -50.0 - len(c) for c in continuations])
+  def decode(self, ids):
+    return self.tokenizer.decode([t for t in ids if t != self.tokenizer.eos_id])
 
-  def generate(self, prompts_, max_new_tokens=256, temperature=0.0):
-    self.calls.append(("generate", len(prompts_), max_new_tokens, temperature))
-    return [self.response or f"The correct answer is ({self.planted})." for _ in prompts_]
+  def score(self, prompt_ids, continuation_ids, batch_size=8):
+    self.calls.append(("score", len(prompt_ids), batch_size))
+    assert all(self.decode(p).endswith("Assistant:") for p in prompt_ids)
+    conts = [self.decode(c) for c in continuation_ids]
+    return np.array([0.0 if f"({self.planted})" in c else -50.0 - len(c) for c in conts])
+
+  def generate(self, prompt_ids, max_new_tokens=256, temperature=0.0, batch_size=16):
+    self.calls.append(("generate", len(prompt_ids), max_new_tokens, temperature))
+    text = self.response or f"The correct answer is ({self.planted})."
+    return [self.tokenizer.encode(text) + [self.tokenizer.eos_id] for _ in prompt_ids]
 
 
 def test_loglik_picks_planted_answer(sample, templates):
@@ -289,13 +294,13 @@ def test_loglik_picks_planted_answer(sample, templates):
   lm = FakeLM("C")
   out = scoring.loglik(lm, ps, templates, batch_size=7, progress=False)
   assert all(o["loglik_pred"] == "C" and o["loglik_norm_pred"] == "C" for o in out)
-  assert sum(n for _, n in lm.calls) == sum(len(p.item.labels) for p in ps)   # one pair per option
-  assert max(n for _, n in lm.calls) == 7
+  assert sum(n for _, n, _ in lm.calls) == sum(len(p.item.labels) for p in ps)   # one pair per option
+  assert max(n for _, n, _ in lm.calls) == 7 and all(n == b for _, n, b in lm.calls)
   # every option's continuation is its answer sentence, scored in option order
   o, p = out[0], ps[0]
   conts = prompts.continuations(templates, p.item)
   assert list(o["loglik"]) == list(p.item.labels)
-  assert o["loglik"]["A"] == -50.0 - len(conts[0])
+  assert o["loglik"]["A"] == -50.0 - len(lm.decode(lm.tokenizer.encode(conts[0])))
   assert o["loglik_tokens"]["A"] == len(lm.tokenizer.encode(conts[0]))
 
 
@@ -304,8 +309,8 @@ def test_length_normalised_differs_from_sum(templates):
                   ("A", "B"), ("si", "una respuesta mucho mas larga que la otra, que sigue y sigue sin parar"), "(B)", "B")
 
   class LM(FakeLM):
-    def score(self, prompts_, continuations):   # option A: -2 per token, option B: -1 per token
-      return np.array([-(2.0 if "(A)" in c else 1.0) * len(self.tokenizer.encode(c)) for c in continuations])
+    def score(self, prompt_ids, continuation_ids, batch_size=8):   # option A: -2 per token, B: -1
+      return np.array([-(2.0 if "(A)" in self.decode(c) else 1.0) * len(c) for c in continuation_ids])
   lm = LM()
   ps, _ = prompts.build([it], [it], templates)
   n = [len(lm.tokenizer.encode(c)) for c in prompts.continuations(templates, it)]
@@ -319,7 +324,9 @@ def test_generate_greedy_and_extracted(sample, templates):
   ps, _ = prompts.build(sample[:10], sample, templates)
   lm = FakeLM(response="\n(b) because ...")
   out = scoring.generate(lm, ps, max_new_tokens=17, batch_size=4, progress=False)
-  assert [c[0] for c in lm.calls] == ["generate"] * 3 and all(c[2:] == (17, 0.0) for c in lm.calls)
+  langs = [p.item.language for p in ps]                   # batches never mix languages
+  assert sum(c[1] for c in lm.calls) == 10 and len(lm.calls) == sum(-(-langs.count(x) // 4) for x in set(langs))
+  assert all(c[0] == "generate" and c[2:] == (17, 0.0) for c in lm.calls)
   assert all(o == {"response": "\n(b) because ...", "extracted": "B"} for o in out)
 
 

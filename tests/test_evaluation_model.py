@@ -1,68 +1,53 @@
-"""Evaluation with the tiny model: the training-mesh scorer against a one-sequence numpy
-reference, a model built to prefer one answer, and the bench_eval hook of train.py."""
+"""Evaluation with the tiny model through apollo_jax.inference: a model built to prefer one
+answer, both modes end to end on the shipped bench sample (runner and CLI), and train.py's
+bench_eval hook."""
 
 import json
 import os
+import subprocess
+import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from apollo_jax import config as cfg, sharding
+from apollo_jax import config as cfg, hf, inference
 from apollo_jax.data import tokenizer as tok_lib
-from apollo_jax.evaluation import bench, in_training, prompts, scoring
+from apollo_jax.evaluation import bench, evaluate, in_training, prompts, scoring
 from apollo_jax.model import transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "data/sample/apollo_moe_bench_sample.json")
+TOKENIZER = os.path.join(REPO, "data/sample/tokenizer.model")
 
 
 @pytest.fixture(scope="module")
 def tiny():
+  """(config, random host params N(0, 0.02)) of configs/tiny.py (no compile needed)."""
   config = cfg.load("tiny")
-  mesh = sharding.make_mesh(config)
-  model = transformer.build_model(config)
-  tok = tok_lib.load_tokenizer(os.path.join(REPO, "data/sample/tokenizer.model"))
-  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), np.zeros((1, 8), np.int32))["params"])
-  return config, mesh, model, tok, jax.device_get(params)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: rng.normal(0, 0.02, a.shape).astype(np.float32),
+                        transformer.abstract_params(config))
+  return config, params
 
 
-def _reference(model, params, tok, pairs):
-  """Each continuation's summed log-probability from one unsharded forward pass of all the
-  sequences (right padding cannot change earlier positions of a causal model), numpy log-softmax."""
-  seqs = [(in_training.encode_prompt(tok, p), tok.encode(c)) for p, c in pairs]
-  length = max(len(p) + len(c) for p, c in seqs)
-  ids = np.zeros((len(seqs), length), np.int32)
-  for r, (p, c) in enumerate(seqs):
-    ids[r, :len(p) + len(c)] = p + c
-  logits = np.asarray(jax.jit(model.apply)({"params": params}, ids), np.float64)
-  logp = logits - logits.max(-1, keepdims=True)
-  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-  return [sum(logp[r, t - 1, ids[r, t]] for t in range(len(p), len(p) + len(c))) for r, (p, c) in enumerate(seqs)]
+ONE_DEVICE = jax.devices()[:1]       # one-device meshes compile fastest (sharding is i6's to test)
 
 
-def test_params_lm_score_matches_reference(tiny):
-  config, mesh, model, tok, params = tiny
-  items, _ = bench.read(SAMPLE)
-  t = prompts.load_templates()
-  ps, _ = prompts.build(items[:3], items, t, shots=1)
-  pairs = [(p.text, c) for p in ps for c in prompts.continuations(t, p.item)][:10]
-  assert prompts.EOS_TEXT in pairs[0][0]
-  with jax.set_mesh(mesh):
-    lm = in_training.ParamsLM(model, mesh, tok, batch_size=3).bind(params)
-    got = lm.score([p for p, _ in pairs], [c for _, c in pairs])      # 10 pairs in 2 batches of 8
-  assert lm.rows == 8
-  np.testing.assert_allclose(got, _reference(model, params, tok, pairs), rtol=2e-4, atol=1e-3)
-  ids = in_training.encode_prompt(tok, pairs[0][0])
-  assert ids.count(tok.eos_id) == pairs[0][0].count(prompts.EOS_TEXT) == 1
+@pytest.fixture(scope="module")
+def tiny_dir(tiny, tmp_path_factory):
+  """The random tiny model saved as a convert_from_hf dir (what inference.load reads)."""
+  path = str(tmp_path_factory.mktemp("tiny_model"))
+  hf.save_params(tiny[1], tiny[0], path)
+  return path
 
 
 def _preferring(params, token):
-  """Layers output zero (every kernel 0), so logits[v] = sqrt(H) * embed[v, 0]: `token` wins."""
-  p = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), params)
+  """Every kernel 0, so each layer passes its input through and logits[v] = sqrt(H) * embed[v, 0]
+  for any input token: `token` (embed 3, all others 1) wins everywhere by a wide margin."""
+  p = jax.tree.map(np.zeros_like, params)
   p = jax.tree_util.tree_map_with_path(
-      lambda path, x: np.ones_like(x) if "norm" in jax.tree_util.keystr(path).lower() and x.ndim == 1 else x, p)
+      lambda path, x: np.ones_like(x) if "norm" in jax.tree_util.keystr(path) and x.ndim == 1 else x, p)
   emb = np.zeros_like(p["embed_tokens"]["embedding"])
   emb[:, 0] = 1.0
   emb[token, 0] = 3.0
@@ -71,18 +56,55 @@ def _preferring(params, token):
 
 
 def test_loglik_picks_planted_answer(tiny):
-  config, mesh, model, tok, params = tiny
+  config, params = tiny
+  tok = tok_lib.load_tokenizer(TOKENIZER)
   (c_token,) = [i for i in tok.encode("(C)") if tok.decode([i]) == "C"]
+  lm = inference.from_params(config, _preferring(params, c_token), tok, devices=ONE_DEVICE)
   item = bench.Item(0, "headqa", "es", "¿Cuál?", "(A) fiebre\n(B) fiebre\n(C) fiebre\n(D) fiebre",
                     ("A", "B", "C", "D"), ("fiebre",) * 4, "(A)", "A")
   t = prompts.load_templates()
   ps, _ = prompts.build([item], [item], t)
-  with jax.set_mesh(mesh):
-    lm = in_training.ParamsLM(model, mesh, tok, batch_size=4).bind(_preferring(params, c_token))
-    (out,) = scoring.loglik(lm, ps, t, progress=False)
+  (out,) = scoring.loglik(lm, ps, t, progress=False)
   assert out["loglik_pred"] == "C" and out["loglik_norm_pred"] == "C"
   others = [out["loglik"][x] for x in "ABD"]
   assert np.ptp(others) < 1e-3 and out["loglik"]["C"] > max(others) + 5
+  (gen,) = scoring.generate(lm, ps, max_new_tokens=3, progress=False)
+  assert gen == {"response": "CCC", "extracted": "C"}      # greedy: only the preferred token
+
+
+def test_both_modes_on_the_sample(tiny_dir, tmp_path):
+  lm = inference.load(tiny_dir, tokenizer=TOKENIZER, devices=ONE_DEVICE)
+  preds, scores = evaluate(lm, SAMPLE, str(tmp_path), mode="both", limit=1, languages=["en", "ckb"], shots=1,
+                           max_new_tokens=4, batch_size=8, progress=False, model_name=tiny_dir)
+  assert len(preds) == 2 + 1 and scores["counts"]["scored"] == 3
+  assert set(scores["per_language"]) == {"en", "ckb"} and [p["shots"] for p in preds] == [1, 1, 1]
+  for p in preds:
+    assert set(p["loglik"]) == set("ABCD") and all(v < 0 for v in p["loglik"].values())
+    assert p["extracted"] in (None, *"ABCDEF") and set(p["correct"]) == {"generate", "loglik", "loglik_norm"}
+  assert scores["params"] == 706_496                          # configs/tiny.py total (README)
+  assert sorted(os.listdir(tmp_path)) == ["per_language.png", "predictions.jsonl", "report.md", "scores.json"]
+  # the option scores are those of lm.score on the same token ids
+  it = next(i for i in bench.read(SAMPLE)[0] if i.id == preds[0]["id"])
+  t = prompts.load_templates()
+  (prompt,), _ = prompts.build([it], bench.read(SAMPLE)[0], t, shots=1)
+  conts = prompts.continuations(t, it)
+  want = lm.score([prompts.encode(lm.tokenizer, prompt.text)] * len(conts), [lm.tokenizer.encode(c) for c in conts])
+  np.testing.assert_allclose([preds[0]["loglik"][x] for x in it.labels], want, rtol=1e-4)
+
+
+def test_cli(tiny_dir, tmp_path):
+  out = tmp_path / "eval"
+  r = subprocess.run([sys.executable, "-m", "apollo_jax.evaluate", f"--model={tiny_dir}", f"--tokenizer={TOKENIZER}",
+                      f"--out={out}", "--mode=loglik", "--limit=1", "--languages=sw"],
+                     cwd=REPO, capture_output=True, text=True, timeout=300,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "loglik: Major" in r.stdout and "questions/s" in r.stderr
+  s = json.loads((out / "scores.json").read_text())
+  assert s["mode"] == "loglik" and set(s["per_language"]) == {"sw"} and s["counts"]["scored"] == 1
+  r = subprocess.run([sys.executable, "-m", "apollo_jax.evaluate", f"--model={tmp_path}/nothing", f"--out={out}"],
+                     cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode != 0 and "does not exist" in r.stderr
 
 
 def test_dev_subset():

@@ -3,7 +3,7 @@
 A prompt is a chat in the training format (data/chat.py): each shot is one finished turn,
   User:<instruction>\\n[<context line>\\n]<question line>\\n<options lines>\\nAssistant:<answer><eos>\\n
 and the item itself is the last user turn, ending in "Assistant:". The end-of-text marker is the
-literal "<|endoftext|>", which a Qwen2 tokenizer turns into its EOS id, as in the original.
+literal "<|endoftext|>" (as the original's text); `encode` turns it into the EOS id.
 
 Shots: `shots + 1` items drawn from the item's own source (a per-item RNG seeded by seed, source
 and item id, so a prompt never depends on which other items are evaluated); the item itself is
@@ -111,6 +111,17 @@ def build(items, pool, templates: dict, shots: int = 3, seed: int = 0, budget: i
     else:
       prompts.append(Prompt(item, text, tuple(used)))
   return prompts, skipped
+
+
+def encode(tokenizer, text: str) -> list:
+  """Prompt ids with every literal end-of-text marker as the tokenizer's EOS id (what a Qwen2
+  tokenizer does by itself; a sentencepiece model would spell the marker out)."""
+  ids = []
+  for j, part in enumerate(text.split(EOS_TEXT)):
+    if j:
+      ids.append(tokenizer.eos_id)
+    ids += tokenizer.encode(part)
+  return ids
 
 
 def continuations(templates: dict, item):

@@ -1,14 +1,12 @@
 """Scoring prompts with a language model: greedy generation + answer extraction, and option
-log-likelihoods. `lm` is anything with the `apollo_jax.inference` interface:
-  lm.generate(prompts, max_new_tokens=..., temperature=0.0) -> generated strings
-  lm.score(prompts, continuations) -> summed log-probabilities (numpy)
-  lm.tokenizer.encode(text) -> ids
-Calls are made in batches of similar-length prompts (less padding) behind a progress bar. An lm
-whose score/generate take a `languages` argument also gets each prompt's language code (models
-with language-specific routing need it).
+log-likelihoods. `lm` has the `apollo_jax.inference.LM` interface, used with token ids:
+  lm.generate(prompt_ids, max_new_tokens=..., temperature=0.0, batch_size=...) -> generated ids
+  lm.score(prompt_ids, continuation_ids, batch_size=...) -> summed log-probabilities (numpy)
+  lm.decode(ids) -> text without EOS;  lm.tokenizer.encode(text) -> ids
+Prompts are tokenised here (prompts.encode: the shots' end-of-text marker becomes the EOS id
+with any tokenizer) and each continuation on its own. Calls go in batches of one language and
+similar lengths (little padding; a language-routed model gets `language=`), behind a progress bar.
 """
-
-import inspect
 
 import numpy as np
 from tqdm import tqdm
@@ -20,26 +18,35 @@ METHODS = {"generate": ("generate",), "loglik": ("loglik", "loglik_norm"),
            "both": ("generate", "loglik", "loglik_norm")}
 
 
-def _languages(fn, prompts, idx):
-  if "languages" in inspect.signature(fn).parameters:
-    return {"languages": [prompts[i].item.language for i in idx]}
-  return {}
+def _batches(langs, lengths, batch_size):
+  """Index batches of one language each, longest first within a language."""
+  order = sorted(range(len(lengths)), key=lambda i: (langs[i], -lengths[i]))
+  out = []
+  for i in order:
+    if out and len(out[-1]) < batch_size and langs[out[-1][0]] == langs[i]:
+      out[-1].append(i)
+    else:
+      out.append([i])
+  return out
 
 
-def _batches(keys, batch_size):
-  """Index batches, longest first (so the slowest batch shows up early in the bar)."""
-  order = sorted(range(len(keys)), key=lambda i: -keys[i])
-  return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+def _language_kw(lm, language):
+  """Only models that route by language need (and get) the language code."""
+  config = getattr(lm, "config", None)
+  return {"language": language} if config is not None and config.moe.routing == "language" else {}
 
 
 def generate(lm, prompts, max_new_tokens=256, batch_size=8, progress=True, desc="generate"):
   """Per prompt: {'response', 'extracted'} from greedy decoding (only generated tokens)."""
+  ids = [prompts_lib.encode(lm.tokenizer, p.text) for p in prompts]
+  langs = [p.item.language for p in prompts]
   out = [None] * len(prompts)
   with tqdm(total=len(prompts), desc=desc, disable=not progress, dynamic_ncols=True) as bar:
-    for idx in _batches([len(p.text) for p in prompts], batch_size):
-      texts = lm.generate([prompts[i].text for i in idx], max_new_tokens=max_new_tokens, temperature=0.0,
-                          **_languages(lm.generate, prompts, idx))
-      for i, response in zip(idx, texts):
+    for idx in _batches(langs, [len(x) for x in ids], batch_size):
+      gen = lm.generate([ids[i] for i in idx], max_new_tokens=max_new_tokens, temperature=0.0,
+                        batch_size=len(idx), **_language_kw(lm, langs[idx[0]]))
+      for i, g in zip(idx, gen):
+        response = lm.decode(g)
         out[i] = {"response": response, "extracted": extract_answer(response)}
       bar.update(len(idx))
   return out
@@ -48,22 +55,23 @@ def generate(lm, prompts, max_new_tokens=256, batch_size=8, progress=True, desc=
 def loglik(lm, prompts, templates, batch_size=16, progress=True, desc="loglik"):
   """Per prompt: each option's summed log-probability of its answer continuation, its token
   count, and the argmax letters by sum ('loglik_pred') and by per-token mean ('loglik_norm_pred')."""
-  pairs = [(p, label, cont) for p in prompts
-           for label, cont in zip(p.item.labels, prompts_lib.continuations(templates, p.item))]
+  tok = lm.tokenizer
+  p_ids = [prompts_lib.encode(tok, p.text) for p in prompts]
+  pairs = [(k, tok.encode(c)) for k, p in enumerate(prompts) for c in prompts_lib.continuations(templates, p.item)]
+  langs = [prompts[k].item.language for k, _ in pairs]
   scores = np.zeros(len(pairs))
   with tqdm(total=len(prompts), desc=desc, disable=not progress, dynamic_ncols=True) as bar:
     done = 0.0
-    for idx in _batches([len(p.text) + len(c) for p, _, c in pairs], batch_size):
-      firsts = [pairs[i][0] for i in idx]
-      scores[idx] = np.asarray(lm.score([p.text for p in firsts], [pairs[i][2] for i in idx],
-                                        **_languages(lm.score, firsts, range(len(idx)))))
-      done += sum(1 / len(pairs[i][0].item.labels) for i in idx)
+    for idx in _batches(langs, [len(p_ids[pairs[i][0]]) + len(pairs[i][1]) for i in range(len(pairs))], batch_size):
+      scores[idx] = np.asarray(lm.score([p_ids[pairs[i][0]] for i in idx], [pairs[i][1] for i in idx],
+                                        batch_size=len(idx), **_language_kw(lm, langs[idx[0]])))
+      done += sum(1 / len(prompts[pairs[i][0]].item.labels) for i in idx)
       bar.update(round(done) - bar.n)
   out, k = [], 0
   for p in prompts:
     n = len(p.item.labels)
     ll = scores[k:k + n]
-    tokens = np.array([max(1, len(lm.tokenizer.encode(c))) for _, _, c in pairs[k:k + n]])
+    tokens = np.array([max(1, len(c)) for _, c in pairs[k:k + n]])
     k += n
     out.append({"loglik": dict(zip(p.item.labels, ll.tolist())),
                 "loglik_tokens": dict(zip(p.item.labels, tokens.tolist())),
