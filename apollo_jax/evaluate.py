@@ -11,7 +11,7 @@ OUT/per_language.png.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 
@@ -47,6 +47,8 @@ def main(argv):
   for name in ("model", "out"):
     if not FLAGS[name].value:
       raise app.UsageError(f"--{name} is required")
+  if not FLAGS["verbosity"].present:     # Orbax logs every restore at INFO; keep the bar readable
+    logging.set_verbosity(logging.WARNING)
   from apollo_jax import evaluation, inference
   lm = inference.load(FLAGS.model, step=FLAGS.step, tokenizer=FLAGS.tokenizer)
   _, scores = evaluation.evaluate(

@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -324,10 +325,27 @@ def test_generate_greedy_and_extracted(sample, templates):
   ps, _ = prompts.build(sample[:10], sample, templates)
   lm = FakeLM(response="\n(b) because ...")
   out = scoring.generate(lm, ps, max_new_tokens=17, batch_size=4, progress=False)
-  langs = [p.item.language for p in ps]                   # batches never mix languages
-  assert sum(c[1] for c in lm.calls) == 10 and len(lm.calls) == sum(-(-langs.count(x) // 4) for x in set(langs))
+  assert [c[1] for c in lm.calls] == [4, 4, 2]              # full batches: few compiled shapes
   assert all(c[0] == "generate" and c[2:] == (17, 0.0) for c in lm.calls)
   assert all(o == {"response": "\n(b) because ...", "extracted": "B"} for o in out)
+
+
+def test_language_routed_model_gets_one_language_per_batch(sample, templates):
+  class LM(FakeLM):
+    config = ml_collections.ConfigDict({"moe": {"routing": "language"}})
+
+    def score(self, prompt_ids, continuation_ids, batch_size=8, language=None):
+      self.calls.append((language, [self.decode(p) for p in prompt_ids]))
+      return np.zeros(len(prompt_ids))
+  ps, _ = prompts.build(sample[:20], sample, templates)
+  lm = LM()
+  scoring.loglik(lm, ps, templates, batch_size=8, progress=False)
+  langs = [p.item.language for p in ps]
+  assert sorted(c[0] for c in lm.calls) == sorted(c for c in set(langs) for _ in range(
+      -(-sum(len(p.item.labels) for p in ps if p.item.language == c) // 8)))
+  text_lang = {lm.decode(prompts.encode(lm.tokenizer, p.text)): p.item.language
+               for p in ps}
+  assert all(text_lang[t] == language for language, texts in lm.calls for t in texts)
 
 
 def test_evaluate_writes_outputs(tmp_path):

@@ -7,11 +7,12 @@ from apollo_jax.evaluation import bench, prompts as prompts_lib, report, scoring
 
 
 def _param_count(lm):
-  try:
-    from apollo_jax import params as params_lib
-    return params_lib.count_params(lm.config)["total_params"]
-  except Exception:             # an lm without an apollo_jax config (fakes, foreign models)
+  """Total parameters (real experts only) of an lm with an apollo_jax config, else None."""
+  config = getattr(lm, "config", None)
+  if config is None:
     return None
+  from apollo_jax import params as params_lib
+  return params_lib.count_params(config)["total_params"]
 
 
 def evaluate(lm, bench_files, out_dir=None, *, mode="both", shots=3, seed=0, limit=0, languages=None,

@@ -4,8 +4,9 @@ log-likelihoods. `lm` has the `apollo_jax.inference.LM` interface, used with tok
   lm.score(prompt_ids, continuation_ids, batch_size=...) -> summed log-probabilities (numpy)
   lm.decode(ids) -> text without EOS;  lm.tokenizer.encode(text) -> ids
 Prompts are tokenised here (prompts.encode: the shots' end-of-text marker becomes the EOS id
-with any tokenizer) and each continuation on its own. Calls go in batches of one language and
-similar lengths (little padding; a language-routed model gets `language=`), behind a progress bar.
+with any tokenizer) and each continuation on its own. Calls go in full batches of similar
+lengths (little padding, few compiled shapes), behind a progress bar; for a language-routed
+model each batch holds one language, passed as `language=`.
 """
 
 import numpy as np
@@ -18,12 +19,19 @@ METHODS = {"generate": ("generate",), "loglik": ("loglik", "loglik_norm"),
            "both": ("generate", "loglik", "loglik_norm")}
 
 
-def _batches(langs, lengths, batch_size):
-  """Index batches of one language each, longest first within a language."""
-  order = sorted(range(len(lengths)), key=lambda i: (langs[i], -lengths[i]))
+def _needs_language(lm) -> bool:
+  config = getattr(lm, "config", None)
+  return config is not None and config.moe.routing == "language"
+
+
+def _batches(lm, langs, lengths, batch_size):
+  """Index batches, longest first: full batches (few compiled shapes), of one language each only
+  for a model that routes by language."""
+  group = langs if _needs_language(lm) else [""] * len(langs)
+  order = sorted(range(len(lengths)), key=lambda i: (group[i], -lengths[i]))
   out = []
   for i in order:
-    if out and len(out[-1]) < batch_size and langs[out[-1][0]] == langs[i]:
+    if out and len(out[-1]) < batch_size and group[out[-1][0]] == group[i]:
       out[-1].append(i)
     else:
       out.append([i])
@@ -32,8 +40,7 @@ def _batches(langs, lengths, batch_size):
 
 def _language_kw(lm, language):
   """Only models that route by language need (and get) the language code."""
-  config = getattr(lm, "config", None)
-  return {"language": language} if config is not None and config.moe.routing == "language" else {}
+  return {"language": language} if _needs_language(lm) else {}
 
 
 def generate(lm, prompts, max_new_tokens=256, batch_size=8, progress=True, desc="generate"):
@@ -42,7 +49,7 @@ def generate(lm, prompts, max_new_tokens=256, batch_size=8, progress=True, desc=
   langs = [p.item.language for p in prompts]
   out = [None] * len(prompts)
   with tqdm(total=len(prompts), desc=desc, disable=not progress, dynamic_ncols=True) as bar:
-    for idx in _batches(langs, [len(x) for x in ids], batch_size):
+    for idx in _batches(lm, langs, [len(x) for x in ids], batch_size):
       gen = lm.generate([ids[i] for i in idx], max_new_tokens=max_new_tokens, temperature=0.0,
                         batch_size=len(idx), **_language_kw(lm, langs[idx[0]]))
       for i, g in zip(idx, gen):
@@ -62,7 +69,8 @@ def loglik(lm, prompts, templates, batch_size=16, progress=True, desc="loglik"):
   scores = np.zeros(len(pairs))
   with tqdm(total=len(prompts), desc=desc, disable=not progress, dynamic_ncols=True) as bar:
     done = 0.0
-    for idx in _batches(langs, [len(p_ids[pairs[i][0]]) + len(pairs[i][1]) for i in range(len(pairs))], batch_size):
+    for idx in _batches(lm, langs, [len(p_ids[pairs[i][0]]) + len(pairs[i][1]) for i in range(len(pairs))],
+                        batch_size):
       scores[idx] = np.asarray(lm.score([p_ids[pairs[i][0]] for i in idx], [pairs[i][1] for i in idx],
                                         batch_size=len(idx), **_language_kw(lm, langs[idx[0]])))
       done += sum(1 / len(prompts[pairs[i][0]].item.labels) for i in idx)
