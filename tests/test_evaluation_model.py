@@ -124,7 +124,8 @@ def test_bench_eval_logs_from_train(tmp_path, data):
   path = tmp_path / "bench.json"
   path.write_text(json.dumps(small, ensure_ascii=False), encoding="utf-8")
   flags = train_fixtures.flags(data, steps=3, eval_every=0, bench_eval__every=2, bench_eval__files=str(path),
-                               bench_eval__fraction=0.5, bench_eval__shots=0, ckpt__every=100)
+                               bench_eval__fraction=0.5, bench_eval__shots=0, bench_eval__batch_size=32,
+                               ckpt__every=100)
   train_fixtures.check_ok(train_fixtures.run(str(tmp_path / "run"), flags))
   recs = {r["step"]: r for r in train_fixtures.read_metrics(str(tmp_path / "run"))}
   assert "bench/major" not in recs[1] and "bench/major" in recs[2] and "bench/major" in recs[3]  # due + last
