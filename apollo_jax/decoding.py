@@ -10,6 +10,7 @@ row has stopped or after max_new_tokens.
 """
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -37,26 +38,44 @@ def left_pad(seqs, length: int, pad_id: int):
   return ids, seg, pos
 
 
-def sample(logits, rng, temperature: float, top_p: float):
+def sample(logits, rng, temperature, top_p):
   """Next token per row from fp32 logits [B, V]: argmax if temperature <= 0, else a draw from
-  softmax(logits / temperature) restricted to the smallest top-probability set with mass >= top_p."""
-  if temperature <= 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
-  if top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p          # the first token is always kept
-    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  softmax(logits / temperature) restricted to the smallest top-probability set with mass >= top_p.
+  temperature and top_p may be traced: one compiled step serves every setting."""
+  def draw(logits):
+    logits = logits / temperature
+
+    def nucleus(logits):
+      sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+      probs = jax.nn.softmax(sorted_logits, axis=-1)
+      keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p          # the first token is always kept
+      threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+      return jnp.where(logits >= threshold, logits, -jnp.inf)
+    logits = jax.lax.cond(top_p < 1.0, nucleus, lambda x: x, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  greedy = lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.lax.cond(temperature > 0, draw, greedy, logits)
 
 
 class Decoder:
-  """Jitted prefill and decode step of `module` (a Transformer); compiled once per shape bucket."""
+  """Jitted forward, prefill and decode step of `module` (a Transformer), compiled once per shape
+  bucket. `for_config` shares one Decoder (and its compilations) among models of equal config."""
+
+  _shared = {}
 
   def __init__(self, module):
     self.module = module
+
+  @classmethod
+  def for_config(cls, config, module):
+    key = json.dumps({k: config[k].to_dict() for k in ("model", "moe", "mesh")}, sort_keys=True)
+    if key not in cls._shared:
+      cls._shared[key] = cls(module)
+    return cls._shared[key]
+
+  @functools.partial(jax.jit, static_argnums=(0,))
+  def forward(self, params, ids, seg, pos, lang):
+    return self.module.apply({"params": params}, ids, language_ids=lang, segment_ids=seg, positions=pos)
 
   @functools.partial(jax.jit, static_argnums=(0, 6))
   def prefill(self, params, ids, seg, pos, lang, cache_len):
@@ -64,7 +83,7 @@ class Decoder:
                                      positions=pos, cache_len=cache_len, mutable=["cache"])
     return variables["cache"]
 
-  @functools.partial(jax.jit, static_argnums=(0, 10, 11, 12), donate_argnums=(2,))
+  @functools.partial(jax.jit, static_argnums=(0, 12), donate_argnums=(2,))
   def step(self, params, cache, tok, pos, live, done, lang, rng, eos_id, temperature, top_p, cache_len):
     """Feeds tok [B] at pos [B]; returns (cache, next token [B], done [B], logits [B, V])."""
     logits, variables = self.module.apply(
@@ -109,8 +128,8 @@ def generate(decoder, params, prompts, max_new_tokens: int, eos_id: int, pad_id:
   out, all_logits = [], []
   for t in range(max_new_tokens):
     cache, tok, done, logits = decoder.step(params, cache, tok, p, live_j, done, step_lang,
-                                            jax.random.fold_in(key, t), eos_id, float(temperature),
-                                            float(top_p), L)
+                                            jax.random.fold_in(key, t), eos_id, jnp.float32(temperature),
+                                            jnp.float32(top_p), L)
     out.append(tok)
     if return_logits:
       all_logits.append(logits)

@@ -42,17 +42,12 @@ def inference_config(config, expert_multiple=None):
   return c
 
 
-def _mesh_candidates(config, devices):
-  yield dict(config.mesh.to_dict())
-  yield dict(data=1, fsdp=-1, expert=1, tensor=1)
-  yield None                     # one device
-
-
 def choose_mesh(config, devices=None, mesh=None):
   """(mesh, config with that mesh): config.mesh (or `mesh`, a dict of axis sizes) if it fits the
   devices and the params divide over it, else FSDP over all devices, else one device."""
   devices = list(jax.devices() if devices is None else devices)
-  candidates = [mesh] if mesh is not None else list(_mesh_candidates(config, devices))
+  candidates = [mesh] if mesh is not None else [   # None: one device
+      dict(config.mesh.to_dict()), dict(data=1, fsdp=-1, expert=1, tensor=1), None]
   errors = []
   for cand in candidates:
     c = ml_collections.ConfigDict(config.to_dict())
@@ -62,8 +57,9 @@ def choose_mesh(config, devices=None, mesh=None):
     c.mesh.update(cand)
     try:
       sizes = cfg.mesh_shape(c, len(devs))
-      c.global_batch, c.grad_accum = sizes["data"] * sizes["fsdp"] * sizes["expert"], 1
-      cfg.validate(c, len(devs))
+      v = ml_collections.ConfigDict(c.to_dict())   # inference pads its batches to the mesh instead
+      v.global_batch, v.grad_accum = sizes["data"] * sizes["fsdp"] * sizes["expert"], 1
+      cfg.validate(v, len(devs))
       m = sharding.make_mesh(c, devs)
       sharding.check_divisible(*_abstract(c, m))
       return m, c
@@ -91,10 +87,7 @@ class LM:
     self.eos_id = tokenizer.eos_id if tokenizer is not None else (-1 if eos_id is None else eos_id)
     self.mesh = mesh if mesh is not None else choose_mesh(config)[0]
     self.module = build_model(config)
-    self._decoder = decoding.Decoder(self.module)
-    self._forward = jax.jit(lambda p, ids, seg, pos, lang: self.module.apply(
-        {"params": p}, ids, language_ids=lang, segment_ids=seg, positions=pos))
-    self._target_logprobs = jax.jit(_target_logprobs)
+    self._decoder = decoding.Decoder.for_config(config, self.module)
     self.max_len = int(config.model.get("max_position_embeddings", 32768))
 
   # ------------------------------------------------------------------------------------ helpers
@@ -116,7 +109,7 @@ class LM:
       return [self._tok().encode(x) for x in items], True
     out = []
     for i, x in enumerate(items):
-      ids = [int(t) for t in np.asarray(x).reshape(-1)]
+      ids = [] if isinstance(x, str) else [int(t) for t in np.asarray(x).reshape(-1)]
       bad = [t for t in ids if not 0 <= t < self.config.model.vocab_size]
       if isinstance(x, str) or bad:
         raise ValueError(f"{what}[{i}]: expected all strings or all token-id lists with ids in "
@@ -158,7 +151,7 @@ class LM:
     lang = None if language_ids is None else np.asarray(language_ids, np.int32)
     ids, seg, pos, lang = self._pad_rows(ids, seg, np.asarray(pos, np.int32), lang)
     with sharding.activate(self.mesh):
-      out = self._forward(self.params, ids, seg, pos, lang)
+      out = self._decoder.forward(self.params, ids, seg, pos, lang)
     return np.asarray(out, np.float32)[:B]
 
   def score(self, prompts, continuations, batch_size=8, language=None):
@@ -177,14 +170,16 @@ class LM:
     seqs = [p + c for p, c in zip(p_ids, c_ids)]
     out = np.zeros(len(seqs), np.float64)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    rows_per_batch = min(batch_size, decoding.bucket(len(seqs), 1))   # one shape per length bucket
     for start in range(0, len(order), batch_size):
       rows = order[start:start + batch_size]
       S = decoding.bucket(max(len(seqs[i]) for i in rows))
-      ids, seg, pos = decoding.left_pad([seqs[i] for i in rows], S, 0)
+      batch = [seqs[i] for i in rows] + [[]] * (rows_per_batch - len(rows))
+      ids, seg, pos = decoding.left_pad(batch, S, 0)
       lang_ids = None if lang is None else np.full_like(ids, lang)
       ids, seg, pos, lang_ids = self._pad_rows(ids, seg, pos, lang_ids)
       with sharding.activate(self.mesh):
-        lp = np.asarray(self._target_logprobs(self._forward(self.params, ids, seg, pos, lang_ids), ids))
+        lp = np.asarray(_target_logprobs(self._decoder.forward(self.params, ids, seg, pos, lang_ids), ids))
       for r, i in enumerate(rows):
         n = len(c_ids[i])             # the continuation is the last n tokens of the row
         out[i] = float(np.sum(lp[r, S - 1 - n:S - 1], dtype=np.float64)) if n else 0.0
@@ -241,6 +236,7 @@ class LM:
     return ids[:-1].tolist() + chat_lib.ChatEncoder(self._tok())._assistant
 
 
+@jax.jit
 def _target_logprobs(logits, ids):
   """[B, S] log p(ids[t] | ids[<t]) at column t-1 (last column 0)."""
   lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)

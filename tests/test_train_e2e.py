@@ -41,6 +41,8 @@ def test_metrics_jsonl(reference):
   assert recs[0]["lr"] == 0 and recs[3]["lr"] == pytest.approx(3e-3)
   assert recs[-1]["loss"] < recs[0]["loss"] - 0.5
   assert tf.committed_steps(reference) == [20, 25, 30]   # keep=3
+  from apollo_jax import workdir as workdir_io          # config.json + tokenizer: all inference needs
+  assert workdir_io.read_config(reference).steps == STEPS and workdir_io.tokenizer_path(reference, None)
 
 
 def test_resume_after_sigkill_is_exact(reference, data, jit_cache, tmp_path):

@@ -1,0 +1,163 @@
+"""`convert_to_hf`: stock transformers loads the export with no load warnings and computes our
+logits; the exported tokenizer gives our ids in all 50 languages and renders the training chat
+format; export -> convert_from_hf is exact; bad input has clear errors."""
+
+import json
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import lm_fixtures as lf  # noqa: E402
+from apollo_jax import convert_from_hf, convert_to_hf, hf, hf_export, inference, params as params_lib  # noqa: E402
+from apollo_jax import tokenizer_export  # noqa: E402
+from apollo_jax.data import chat, records  # noqa: E402
+from apollo_jax.data.tokenizer import load_tokenizer  # noqa: E402
+
+IDS = np.random.RandomState(0).randint(0, 4096, (2, 13)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """(LM of the workdir, its fp32 export dir)."""
+  workdir = lf.workdir(str(tmp_path_factory.getbasetemp()))
+  out = str(tmp_path_factory.mktemp("trained_export"))
+  files = convert_to_hf.convert(workdir, out, dtype="float32")
+  assert "model.safetensors" in files and "tokenizer.json" in files
+  return inference.load(workdir, devices=jax.devices()[:1]), out
+
+
+def _check_loads(lm, path):
+  model, info = lf.hf_model(path)
+  assert not any(info.values()), info           # no missing / unexpected / mismatched weights
+  ref = lf.torch_logits(model, IDS)
+  np.testing.assert_allclose(lm.logits(IDS), ref, atol=1e-4, rtol=0)
+  return model, ref
+
+
+def test_trained_hybrid_export(trained):
+  lm, out = trained
+  assert lm.kind == "workdir" and lm.config.moe.num_experts == 7
+  assert lm.params["layers_2"]["mlp"]["experts"]["gate_proj"].shape[0] == 8      # padded on the mesh
+  model, ref = _check_loads(lm, out)
+  assert type(model).__name__ == "Qwen2MoeForCausalLM"
+  assert np.abs(ref).max() > 1.0
+  c = json.load(open(os.path.join(out, "config.json")))
+  assert c["architectures"] == ["Qwen2MoeForCausalLM"] and c["mlp_only_layers"] == [0, 1]
+  assert (c["num_experts"], c["num_experts_per_tok"], c["norm_topk_prob"]) == (7, 2, False)
+  assert c["moe_intermediate_size"] == c["intermediate_size"] == 128 and c["vocab_size"] == 4096
+  assert (c["shared_expert_intermediate_size"], c["decoder_sparse_step"]) == (0, 1)
+  state = hf.load_hf_state(out)
+  assert "model.layers.3.mlp.experts.6.up_proj.weight" in state and "lm_head.weight" not in state
+  assert "model.layers.3.mlp.experts.7.up_proj.weight" not in state            # padding dropped
+  assert state["model.layers.3.mlp.shared_expert.up_proj.weight"].shape == (0, 64)
+  assert not np.any(state["model.layers.3.mlp.shared_expert_gate.weight"])
+  gen = json.load(open(os.path.join(out, "generation_config.json")))
+  assert gen["eos_token_id"] == lm.tokenizer.eos_id and gen["do_sample"] is False
+  card = open(os.path.join(out, "README.md")).read()
+  counts = params_lib.count_params(lm.config)
+  for text in ("Qwen2MoeForCausalLM", "MoE layers [2, 3]", "Hybrid-k", f"{counts['total_params']:,} total",
+               f"{counts['active_params']:,} active", "Swahili (sw)", "4 steps x 16 rows"):
+    assert text in card, text
+
+
+@pytest.mark.parametrize("variant", ["dense", "last3", "all"])
+def test_variant_exports(variant, tmp_path):
+  lm = lf.randomized(variant)
+  lf.export(lm, str(tmp_path))
+  model, ref = _check_loads(lm, str(tmp_path))
+  assert np.abs(ref).max() > 1.0
+  c = json.load(open(tmp_path / "config.json"))
+  if variant == "dense":
+    assert type(model).__name__ == "Qwen2ForCausalLM" and "num_experts" not in c
+    assert "lm_head.weight" in hf.load_hf_state(str(tmp_path))                  # untied head
+  else:
+    assert c["mlp_only_layers"] == ([0] if variant == "last3" else [])
+
+
+def test_roundtrip_exact_and_sharded_bf16(trained, tmp_path):
+  lm, out = trained
+  # fp32 export -> convert_from_hf (padding of the training mesh) -> identical params
+  config, back = convert_from_hf.convert(out, str(tmp_path / "back"), config=lm.config)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), lm.params, back)
+  reloaded = inference.load(str(tmp_path / "back"), devices=jax.devices()[:1], tokenizer=lm.tokenizer)
+  assert reloaded.kind == "converted"
+  np.testing.assert_array_equal(reloaded.logits(IDS), lm.logits(IDS))
+  # bf16, sharded with an index: every tensor is our fp32 weight rounded to bf16
+  sharded = str(tmp_path / "bf16")
+  files = convert_to_hf.convert(out, sharded, dtype="bfloat16", max_shard_size="100KB")
+  index = json.load(open(os.path.join(sharded, "model.safetensors.index.json")))
+  shards = sorted(set(index["weight_map"].values()))
+  assert len(shards) > 2 and set(shards) <= set(files)
+  for name in shards:                            # at most the limit, unless one tensor is larger
+    keys = [k for k, v in index["weight_map"].items() if v == name]
+    assert os.path.getsize(os.path.join(sharded, name)) <= 100_000 + 8 * 1024 or len(keys) == 1
+  want, got = hf.load_hf_state(out), hf.load_hf_state(sharded)
+  assert set(got) == set(want)
+  for k, v in want.items():
+    np.testing.assert_array_equal(got[k], v.astype(ml_dtypes.bfloat16).astype(np.float32))
+  assert json.load(open(os.path.join(sharded, "config.json")))["dtype"] == "bfloat16"
+  model, info = transformers.AutoModelForCausalLM.from_pretrained(sharded, output_loading_info=True)
+  assert not any(info.values()) and next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_tokenizer_ids_all_languages(tmp_path):
+  lm = lf.randomized("hybrid8")
+  out = lf.export(lm, str(tmp_path))
+  ours = load_tokenizer(lf.SAMPLE_TOKENIZER)
+  theirs = transformers.AutoTokenizer.from_pretrained(out)
+  samples, _ = records.read_dataset(os.path.join(lf.REPO, "data/sample/apollo_moe_sample.json"), False)
+  assert len({s.source.split("_")[1] for s in samples}) == 50
+  texts = [t for s in samples for t in s.turns] + [
+      "a  b", "  x ", "x\n\n  y", "1234 5.67", "User:hi\nAssistant:ok", "😀 ∮ 𝔘", "tab\there", ""]
+  for text in texts:
+    ids = ours.encode(text)
+    assert theirs(text, add_special_tokens=False)["input_ids"] == ids, text[:60]
+    assert theirs.decode(ids) == text
+  assert (theirs.eos_token_id, theirs.pad_token_id) == (ours.eos_id, ours.pad_id)
+  # our own loader reads the exported tokenizer.json with the same ids and EOS
+  mine = inference.load(out, devices=jax.devices()[:1]).tokenizer
+  assert mine.eos_id == ours.eos_id and mine.encode(texts[0]) == ours.encode(texts[0])
+
+
+def test_chat_template_and_pipeline(tmp_path):
+  lm = lf.randomized("hybrid8")
+  out = lf.export(lm, str(tmp_path))
+  tok = transformers.AutoTokenizer.from_pretrained(out)
+  turns = ["What is a fever?", "A high temperature.", "Is it bad?", "Sometimes."]
+  msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+  assert tok.apply_chat_template(msgs, tokenize=False) == chat.template_text(turns, tok.eos_token)
+  prompt = tok.apply_chat_template(msgs[:3], tokenize=False, add_generation_prompt=True)
+  assert prompt == "User:What is a fever?\nAssistant:A high temperature.\nUser:Is it bad?\nAssistant:"
+  ids = tok.apply_chat_template(msgs[:3], add_generation_prompt=True, return_dict=True)["input_ids"]
+  assert list(ids) == lm.chat_prompt(msgs[:3])
+  full_ids, _ = chat.ChatEncoder(lm.tokenizer)(turns[:2])
+  assert list(tok.apply_chat_template(msgs[:2], return_dict=True)["input_ids"]) == full_ids.tolist()
+  with pytest.raises(Exception, match="system prompt"):
+    tok.apply_chat_template([{"role": "system", "content": "x"}] + msgs[:1], tokenize=False)
+  pipe = transformers.pipeline("text-generation", model=out, dtype=torch.float32)
+  res = pipe(msgs[:1], max_new_tokens=3, do_sample=False)
+  assert res[0]["generated_text"][-1]["role"] == "assistant"
+
+
+def test_errors(trained, tmp_path):
+  lm, out = trained
+  with pytest.raises(ValueError, match="routing='language'.*--force_topk"):
+    hf_export.check_exportable(hf.apply_overrides(lm.config, {"moe.routing": "language"}))
+  hf_export.check_exportable(hf.apply_overrides(lm.config, {"moe.routing": "language"}), force_topk=True)
+  with pytest.raises(ValueError, match="max_shard_size='5 bananas'"):
+    convert_to_hf.convert(out, str(tmp_path / "x"), max_shard_size="5 bananas")
+  with pytest.raises(FileExistsError, match="not empty"):
+    convert_to_hf.convert(out, out)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    convert_to_hf.convert(str(tmp_path / "nope"), str(tmp_path / "y"))
+  with pytest.raises(ValueError, match="cannot convert this sentencepiece model"):
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["a b c d e f g"] * 50), model_prefix=str(tmp_path / "uni"),
+                                   vocab_size=12, model_type="unigram", minloglevel=2)
+    tokenizer_export.sentencepiece_to_tokenizers(str(tmp_path / "uni.model"))

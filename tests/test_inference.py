@@ -1,0 +1,143 @@
+"""`inference.load` of every path kind (training workdir, convert_from_hf dir, HF dir), params
+placed on the mesh, logits and score against stock transformers, and the errors."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import lm_fixtures as lf  # noqa: E402
+import train_fixtures as tf  # noqa: E402
+from apollo_jax import convert_from_hf, inference, workdir as workdir_io  # noqa: E402
+from apollo_jax.data.tokenizer import load_tokenizer  # noqa: E402
+
+ONE = jax.devices()[:1]
+IDS = np.random.RandomState(1).randint(0, 4096, (3, 10)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  return lf.workdir(str(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(scope="module")
+def hf_moe(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("hf_moe"))
+  return lf.random_hf_moe(path), path
+
+
+def _flat(params):
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def test_workdir_config_checkpoints_and_tokenizer(workdir):
+  config = workdir_io.read_config(workdir)
+  assert (config.model.vocab_size, config.moe.expert_multiple, config.steps, config.global_batch) == (4096, 8, 4, 16)
+  assert open(os.path.join(workdir, "tokenizer.model"), "rb").read() == open(lf.SAMPLE_TOKENIZER, "rb").read()
+  assert workdir_io.checkpoint_steps(workdir) == [2, 4]
+  lm = inference.load(workdir, devices=ONE)
+  assert lm.kind == "workdir" and lm.tokenizer.eos_id == 3
+  assert lm.config.moe.eval_capacity_factor == 0 and lm.config.moe.routing == "hybrid"
+  for step, other in ((4, 2), (2, 4)):
+    got = _flat(inference.load(workdir, step=step, devices=ONE).params if step == 2 else lm.params)
+    want = {k.replace("['params']", "", 1): v for k, v in tf.restore_params(workdir, step).items()}
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+  assert np.abs(_flat(lm.params)["['norm']['scale']"] - tf.restore_params(workdir, 2)["['norm']['scale']"]).max() > 0
+
+
+def test_params_sharded_on_the_mesh(workdir):
+  ref = inference.load(workdir, devices=ONE).logits(IDS)
+  lm = inference.load(workdir, mesh=dict(data=1, fsdp=2, expert=2, tensor=2))
+  assert dict(lm.mesh.shape) == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
+  experts = lm.params["layers_2"]["mlp"]["experts"]["gate_proj"]
+  assert experts.sharding.spec[0] == "expert" and len(experts.sharding.device_set) == 8
+  assert "fsdp" in lm.params["embed_tokens"]["embedding"].sharding.spec
+  np.testing.assert_allclose(lm.logits(IDS), ref, atol=1e-5, rtol=0)
+  default = inference.load(workdir)           # config.mesh (fsdp=-1) over all 8 devices
+  assert dict(default.mesh.shape)["fsdp"] == 8
+
+
+def test_hf_and_converted_dirs_logits_and_score(hf_moe, tmp_path):
+  model, path = hf_moe
+  tok = load_tokenizer(lf.SAMPLE_TOKENIZER)
+  lm = inference.load(path, devices=ONE, tokenizer=lf.SAMPLE_TOKENIZER)
+  assert lm.kind == "hf" and lm.config.moe.routing == "topk"
+  ids = np.random.RandomState(2).randint(0, 4096, (2, 9))
+  ref = lf.torch_logits(model, ids)
+  np.testing.assert_allclose(lm.logits(ids), ref, atol=1e-4, rtol=0)
+  assert np.abs(ref).max() > 1.0
+  # score = summed log-softmax of the continuation tokens (strings: pieces tokenised separately)
+  prompts = ["User:What is a fever?\nAssistant:", "Hola", "Der Patient hat Fieber und Husten"]
+  conts = ["A high temperature.", " amigo", ""]
+  want = []
+  for p, c in zip(prompts, conts):
+    pi, ci = tok.encode(p), tok.encode(c)
+    logp = torch.log_softmax(torch.tensor(lf.torch_logits(model, [pi + ci])[0], dtype=torch.float64), -1).numpy()
+    want.append(sum(logp[len(pi) - 1 + j, t] for j, t in enumerate(ci)))
+  got = lm.score(prompts, conts, batch_size=2)
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-5)
+  assert got[2] == 0.0 and got[0] < -1
+  np.testing.assert_allclose(lm.score([tok.encode(p) for p in prompts], [tok.encode(c) for c in conts]), got,
+                             atol=1e-5)
+  # convert_from_hf output: same params, same logits
+  convert_from_hf.convert(path, str(tmp_path / "conv"))
+  conv = inference.load(str(tmp_path / "conv"), devices=ONE)
+  assert conv.kind == "converted" and conv.tokenizer is None
+  np.testing.assert_array_equal(conv.logits(ids), lm.logits(ids))
+
+
+def test_language_routing_needs_a_language():
+  config = lf.tiny_config(expert_multiple=0)
+  config.moe.routing, config.moe.top_k, config.moe.shared_expert = "language", 1, True
+  lm = inference.from_params(config, lf.randomized_params(config), load_tokenizer(lf.SAMPLE_TOKENIZER), ONE)
+  with pytest.raises(ValueError, match="language_ids"):
+    lm.logits(IDS)
+  with pytest.raises(ValueError, match="language='xx' is not one of"):
+    lm.score(["a"], ["b"], language="xx")
+  en = lm.logits(IDS, language_ids=np.zeros_like(IDS))
+  assert np.isfinite(en).all() and np.abs(en - lm.logits(IDS, language_ids=np.ones_like(IDS))).max() > 1e-3
+
+
+def test_errors(workdir, hf_moe, tmp_path):
+  def fails(exc, match, fn, *a, **kw):
+    with pytest.raises(exc, match=match):
+      fn(*a, **kw)
+  fails(FileNotFoundError, "does not exist", inference.load, str(tmp_path / "nope"))
+  os.makedirs(tmp_path / "empty")
+  fails(FileNotFoundError, "not a model dir", inference.load, str(tmp_path / "empty"))
+  os.makedirs(tmp_path / "untrained")
+  shutil.copy(os.path.join(workdir, "config.json"), tmp_path / "untrained")
+  fails(FileNotFoundError, "nothing was trained", inference.load, str(tmp_path / "untrained"))
+  os.makedirs(tmp_path / "untrained" / "checkpoints")
+  fails(FileNotFoundError, "no complete checkpoint yet", inference.load, str(tmp_path / "untrained"))
+  os.makedirs(tmp_path / "old" / "checkpoints")
+  fails(FileNotFoundError, "no config.json", inference.load, str(tmp_path / "old"))
+  fails(FileNotFoundError, r"no complete checkpoint at step 3; available: \[2, 4\]", inference.load, workdir, step=3)
+  _, path = hf_moe
+  bad = str(tmp_path / "llama")
+  shutil.copytree(path, bad)
+  json.dump({**json.load(open(os.path.join(bad, "config.json"))), "architectures": ["LlamaForCausalLM"]},
+            open(os.path.join(bad, "config.json"), "w"))
+  fails(ValueError, "unsupported architecture.*LlamaForCausalLM", inference.load, bad)
+
+  lm = inference.load(path, devices=ONE)                   # an HF dir without tokenizer files
+  fails(ValueError, "has no tokenizer", lm.generate, ["hello"])
+  fails(ValueError, r"ids in \[0, 4096\)", lm.generate, [[1, 5000]])
+  fails(ValueError, "all strings or all token-id lists", lm.score, ["a", [1]], ["b", [2]])
+  fails(ValueError, "prompts\\[0\\] is empty", lm.score, [[]], [[1]])
+  fails(ValueError, "2 prompts but 1 continuations", lm.score, [[1], [2]], [[3]])
+  fails(ValueError, "max_new_tokens=0", lm.generate, [[1, 2]], max_new_tokens=0)
+  lm.max_len = 20
+  fails(ValueError, r"prompts\[0\] \(15 tokens\) \+ max_new_tokens is 25 tokens, longer than the model's limit of 20",
+        lm.generate, [list(range(15))], max_new_tokens=10)
+  fails(ValueError, "input is 21 tokens", lm.logits, np.zeros((1, 21), np.int32))
+  lm.tokenizer = load_tokenizer(lf.SAMPLE_TOKENIZER)
+  fails(ValueError, "must alternate user/assistant", lm.chat, [{"role": "system", "content": "x"}])
