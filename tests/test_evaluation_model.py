@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from apollo_jax import config as cfg, hf, inference
+import lm_fixtures
+from apollo_jax import config as cfg, inference
 from apollo_jax.data import tokenizer as tok_lib
 from apollo_jax.evaluation import bench, evaluate, in_training, prompts, scoring
 from apollo_jax.model import transformer
@@ -32,14 +33,6 @@ def tiny():
 
 
 ONE_DEVICE = jax.devices()[:1]       # one-device meshes compile fastest (sharding is i6's to test)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tiny, tmp_path_factory):
-  """The random tiny model saved as a convert_from_hf dir (what inference.load reads)."""
-  path = str(tmp_path_factory.mktemp("tiny_model"))
-  hf.save_params(tiny[1], tiny[0], path)
-  return path
 
 
 def _preferring(params, token):
@@ -72,10 +65,10 @@ def test_loglik_picks_planted_answer(tiny):
   assert gen == {"response": "CCC", "extracted": "C"}      # greedy: only the preferred token
 
 
-def test_both_modes_on_the_sample(tiny_dir, tmp_path):
-  lm = inference.load(tiny_dir, tokenizer=TOKENIZER, devices=ONE_DEVICE)
+def test_both_modes_on_the_sample(tmp_path):
+  lm = lm_fixtures.randomized("hybrid8")                      # random weights, far from uniform logits
   preds, scores = evaluate(lm, SAMPLE, str(tmp_path), mode="both", limit=1, languages=["en", "ckb"], shots=1,
-                           max_new_tokens=4, batch_size=8, progress=False, model_name=tiny_dir)
+                           max_new_tokens=4, batch_size=8, progress=False, model_name="hybrid8")
   assert len(preds) == 2 + 1 and scores["counts"]["scored"] == 3
   assert set(scores["per_language"]) == {"en", "ckb"} and [p["shots"] for p in preds] == [1, 1, 1]
   for p in preds:
@@ -83,25 +76,29 @@ def test_both_modes_on_the_sample(tiny_dir, tmp_path):
     assert p["extracted"] in (None, *"ABCDEF") and set(p["correct"]) == {"generate", "loglik", "loglik_norm"}
   assert scores["params"] == 706_496                          # configs/tiny.py total (README)
   assert sorted(os.listdir(tmp_path)) == ["per_language.png", "predictions.jsonl", "report.md", "scores.json"]
-  # the option scores are those of lm.score on the same token ids
-  it = next(i for i in bench.read(SAMPLE)[0] if i.id == preds[0]["id"])
+  # the option scores are lm.score's on the same token ids; the responses are lm.generate's
+  items = bench.read(SAMPLE)[0]
   t = prompts.load_templates()
-  (prompt,), _ = prompts.build([it], bench.read(SAMPLE)[0], t, shots=1)
-  conts = prompts.continuations(t, it)
-  want = lm.score([prompts.encode(lm.tokenizer, prompt.text)] * len(conts), [lm.tokenizer.encode(c) for c in conts])
-  np.testing.assert_allclose([preds[0]["loglik"][x] for x in it.labels], want, rtol=1e-4)
+  ps, _ = prompts.build([next(i for i in items if i.id == p["id"]) for p in preds], items, t, shots=1)
+  ids = [prompts.encode(lm.tokenizer, p.text) for p in ps]
+  conts = prompts.continuations(t, ps[0].item)
+  want = lm.score([ids[0]] * len(conts), [lm.tokenizer.encode(c) for c in conts])
+  np.testing.assert_allclose([preds[0]["loglik"][x] for x in ps[0].item.labels], want, rtol=1e-4)
+  assert [p["response"] for p in preds] == [lm.decode(g) for g in lm.generate(ids, max_new_tokens=4)]
 
 
-def test_cli(tiny_dir, tmp_path):
+def test_cli(tmp_path):
+  wd = lm_fixtures.workdir(str(tmp_path))                   # a training workdir, checkpoints 2 and 4
   out = tmp_path / "eval"
-  r = subprocess.run([sys.executable, "-m", "apollo_jax.evaluate", f"--model={tiny_dir}", f"--tokenizer={TOKENIZER}",
-                      f"--out={out}", "--mode=loglik", "--limit=1", "--languages=sw"],
+  r = subprocess.run([sys.executable, "-m", "apollo_jax.evaluate", f"--model={wd}", "--step=2", f"--out={out}",
+                      "--mode=loglik", "--limit=1", "--languages=sw"],
                      cwd=REPO, capture_output=True, text=True, timeout=300,
                      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
   assert r.returncode == 0, r.stderr[-3000:]
   assert "loglik: Major" in r.stdout and "questions/s" in r.stderr
   s = json.loads((out / "scores.json").read_text())
   assert s["mode"] == "loglik" and set(s["per_language"]) == {"sw"} and s["counts"]["scored"] == 1
+  assert s["model"] == f"{wd}@2"
   r = subprocess.run([sys.executable, "-m", "apollo_jax.evaluate", f"--model={tmp_path}/nothing", f"--out={out}"],
                      cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode != 0 and "does not exist" in r.stderr
