@@ -306,8 +306,8 @@ def test_loglik_picks_planted_answer(sample, templates):
 
 
 def test_length_normalised_differs_from_sum(templates):
-  it = bench.Item(0, "headqa", "es", "q", "(A) si\n(B) una respuesta mucho mas larga que la otra, que sigue y sigue sin parar",
-                  ("A", "B"), ("si", "una respuesta mucho mas larga que la otra, que sigue y sigue sin parar"), "(B)", "B")
+  long = "una respuesta mucho mas larga que la otra, que sigue y sigue sin parar"
+  it = bench.Item(0, "headqa", "es", "q", f"(A) si\n(B) {long}", ("A", "B"), ("si", long), "(B)", "B")
 
   class LM(FakeLM):
     def score(self, prompt_ids, continuation_ids, batch_size=8):   # option A: -2 per token, B: -1

@@ -7,10 +7,10 @@ from apollo_jax import languages
 
 # Column order of paper Table 4 (SPEC §9.1) and its Apollo-MoE rows, for reference.
 TABLE4_LANGUAGES = ("ar", "de", "en", "es", "fr", "hi", "it", "ja", "ko", "pt", "ru", "zh")
-PAPER_ROWS = (
-    ("Apollo-MoE (paper)", "0.5B", 40.5, 34.6, (36.3, 38.2, 45.4, 39.8, 38.4, 33.1, 39.9, 26.9, 35.2, 37.3, 64.1, 51.3)),
-    ("Apollo-MoE (paper)", "1.5B", 54.8, 44.9, (47.2, 53.8, 56.5, 52.5, 53.3, 39.5, 54.4, 45.7, 49.5, 57.3, 69.1, 66.8)),
-    ("Apollo-MoE (paper)", "7.0B", 69.9, 58.3, (58.3, 73.5, 73.1, 69.4, 72.4, 56.9, 71.9, 62.4, 68.4, 73.8, 74.2, 84.1)),
+PAPER_ROWS = (    # (size, Major, Minor, the 12 languages in TABLE4_LANGUAGES order)
+    ("0.5B", 40.5, 34.6, (36.3, 38.2, 45.4, 39.8, 38.4, 33.1, 39.9, 26.9, 35.2, 37.3, 64.1, 51.3)),
+    ("1.5B", 54.8, 44.9, (47.2, 53.8, 56.5, 52.5, 53.3, 39.5, 54.4, 45.7, 49.5, 57.3, 69.1, 66.8)),
+    ("7.0B", 69.9, 58.3, (58.3, 73.5, 73.1, 69.4, 72.4, 56.9, 71.9, 62.4, 68.4, 73.8, 74.2, 84.1)),
 )
 
 
@@ -53,11 +53,12 @@ def markdown(scores: dict) -> str:
     cells = [_pct(m["per_language"].get(x)) for x in TABLE4_LANGUAGES]
     lines.append(f"| this model, {name} | {_params_text(scores.get('params'))} | {_pct(m['major_avg'])} | "
                  f"{_pct(m['minor_avg'])} | " + " | ".join(cells) + " |")
-  for name, size, major, minor, row in PAPER_ROWS:
-    lines.append(f"| {name} | {size} | {major} | {minor} | " + " | ".join(f"{v}" for v in row) + " |")
-  lines += ["", "Major / Minor averages with 95% intervals: " + "; ".join(
-      f"{name}: Major {_pct_ci(m['major_avg'])} over {m['major_avg']['languages']}/12 languages, "
-      f"Minor {_pct_ci(m['minor_avg'])} over {m['minor_avg']['languages']}/38" for name, m in methods.items()), ""]
+  for size, major, minor, row in PAPER_ROWS:
+    lines.append(f"| Apollo-MoE (paper) | {size} | {major} | {minor} | " + " | ".join(f"{v}" for v in row) + " |")
+  averages = [f"{name}: Major {_pct_ci(m['major_avg'])} over {m['major_avg']['languages']}/12 languages, "
+              f"Minor {_pct_ci(m['minor_avg'])} over {m['minor_avg']['languages']}/38"
+              for name, m in methods.items()]
+  lines += ["", "Major / Minor averages with 95% intervals: " + "; ".join(averages), ""]
 
   lines += ["## Per language (95% interval)", "",
             "| code | language | tier | questions | " + " | ".join(methods) + " |",
@@ -102,7 +103,8 @@ def plot(scores: dict, path: str):
   ax.set_xticks(x, codes, rotation=90, fontsize=7)
   ax.set_ylim(0, 100)
   ax.set_ylabel("accuracy (%)")
-  ax.set_title(f"ApolloMoEBench per language (major | minor), 95% intervals — {os.path.basename(scores['model'].rstrip('/'))}")
+  model = os.path.basename(scores["model"].rstrip("/"))
+  ax.set_title(f"ApolloMoEBench per language (major | minor), 95% intervals — {model}")
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

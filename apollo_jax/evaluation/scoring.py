@@ -64,7 +64,8 @@ def loglik(lm, prompts, templates, batch_size=16, progress=True, desc="loglik"):
   count, and the argmax letters by sum ('loglik_pred') and by per-token mean ('loglik_norm_pred')."""
   tok = lm.tokenizer
   p_ids = [prompts_lib.encode(tok, p.text) for p in prompts]
-  pairs = [(k, tok.encode(c)) for k, p in enumerate(prompts) for c in prompts_lib.continuations(templates, p.item)]
+  pairs = [(k, tok.encode(c)) for k, p in enumerate(prompts)
+           for c in prompts_lib.continuations(templates, p.item)]
   langs = [prompts[k].item.language for k, _ in pairs]
   scores = np.zeros(len(pairs))
   with tqdm(total=len(prompts), desc=desc, disable=not progress, dynamic_ncols=True) as bar:
