@@ -132,3 +132,14 @@ def test_bench_eval_logs_from_train(tmp_path, data, jit_cache):
                                                      "bench/ckb", "bench_norm/major", "bench_norm/minor"}
   assert r["bench/major"] == r["bench/es"] and r["bench/minor"] == r["bench/ckb"]
   assert r["bench/es"] in (0, 1 / 3, 2 / 3, 1) and 0 <= r["bench_norm/major"] <= 1
+
+
+def test_bench_eval_config_errors():
+  config = cfg.load("tiny")
+  assert in_training.make(config, None, None) is None        # off by default
+  config.bench_eval.every = 5
+  with pytest.raises(ValueError, match="needs bench_eval.files"):
+    in_training.make(config, None, None)
+  config.bench_eval.files, config.bench_eval.fraction = SAMPLE, 0.0
+  with pytest.raises(ValueError, match="fraction"):
+    in_training.make(config, None, None)
