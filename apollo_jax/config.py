@@ -120,6 +120,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.epochs = 0.0                     # > 0: steps = epochs over the training rows (overrides steps)
   c.init_hint = ""                   # big configs: the HF model to start from (named in errors)
   c.allow_random_init = True         # big configs: False, so a missing init_from is an error
+
+  # In-training benchmark evaluation (apollo_jax/evaluation/in_training.py): every `every` steps,
+  # option log-likelihood scoring of a seeded dev subset of ApolloMoEBench (`fraction` of each
+  # source, at least one question, as the original's 10% dev split), logged to metrics.jsonl and
+  # wandb as bench/<language>, bench/major, bench/minor (and bench_norm/* for the per-token mean).
+  c.bench_eval = b = ml_collections.ConfigDict()
+  b.every = 0                        # steps between runs (0: off); also runs at the last step
+  b.files = ""                       # ApolloMoEBench JSON: path, glob or comma-separated list
+  b.fraction = 0.1                   # dev subset per source
+  b.seed = 0                         # dev subset and few-shot selection
+  b.shots = 3
+  b.batch_size = 8                   # prompt/option rows per forward pass (logits are [rows, len, vocab])
+  b.templates = ""                   # prompt wording JSON ("" : the built-in one)
   return c
 
 

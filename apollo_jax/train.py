@@ -26,6 +26,7 @@ from apollo_jax import checkpoint, cli, config as cfg, metrics as mx, optimizer,
 from apollo_jax import train_step as ts
 from apollo_jax import workdir as workdir_io
 from apollo_jax.data import pipeline
+from apollo_jax.evaluation import in_training
 from apollo_jax.model import transformer
 
 
@@ -138,6 +139,7 @@ def _loop(config, workdir, mesh, model, tx, state, shardings, data, ckpt, stop):
   tokens_per_step = config.global_batch * config.data.seq_len
   peak, peak_src = mx.peak_flops(config)
   start = int(state["step"])
+  bench = in_training.make(config, mesh, data.tokenizer)   # None unless bench_eval.every > 0
   log = mx.Logger(workdir, config, start)
   keys = ("train_samples", "eval_samples", "steps_per_epoch", "packing_efficiency", "bad_records_skipped")
   log.print("data: " + ", ".join(f"{k}={data.stats[k]:.3g}" if isinstance(data.stats[k], float)
@@ -178,7 +180,8 @@ def _loop(config, workdir, mesh, model, tx, state, shardings, data, ckpt, stop):
     pending = (step, m)
     stopping = stop.requested(step)
     do_eval = config.eval_every > 0 and (step % config.eval_every == 0 or step == config.steps)
-    do_log = step % config.log_every == 0 or step == config.steps or do_eval or stopping
+    do_bench = bench is not None and bench.due(step)
+    do_log = step % config.log_every == 0 or step == config.steps or do_eval or do_bench or stopping
     do_ckpt = step % config.ckpt.every == 0 or step == config.steps or stopping
     if t0 is None:                   # the first step compiled: time from here on
       jax.block_until_ready(m["loss"])
@@ -207,6 +210,10 @@ def _loop(config, workdir, mesh, model, tx, state, shardings, data, ckpt, stop):
         summary["eval_loss"] = rec["eval_loss"]
         log.print(f"step {step}: loss {loss:.4f}  eval_loss {rec['eval_loss']:.4f}")
         excluded += time.time() - t_eval
+      if do_bench:
+        t_bench = time.time()
+        rec.update(bench(state["params"]))
+        excluded += time.time() - t_bench
       log.write(step, rec)
       summary["loss"] = loss
     if do_ckpt:

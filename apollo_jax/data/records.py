@@ -175,15 +175,19 @@ def _bench_record(item, where):
   return {k: item.get(k, "") for k in BENCH_FIELDS + ("context", "class")}
 
 
-def read_bench(files, skip_bad: bool = False):
-  """ApolloMoEBench records (dicts with str question/options/answer/source/context/class)."""
+def read_bench(files, skip_bad: bool = False, parse=None):
+  """ApolloMoEBench records (dicts with str question/options/answer/source/context/class).
+
+  parse(record, where), if given, turns each record into the returned value; a BadRecord it
+  raises is handled like the reader's own (raised, or skipped and counted)."""
   bad = BadRecords() if skip_bad else None
   out = []
   paths = expand_files(files) if isinstance(files, str) else list(files)
   top = "{path}: ApolloMoEBench must be a JSON list of records, got {got}"
   for path in paths:
     for _, i, item, _ in stream_json.iter_items(path, top, objects=False):
-      rec = _guarded(lambda: _bench_record(item, _where(path, i, item)), bad)
+      where = _where(path, i, item)
+      rec = _guarded(lambda: (parse or (lambda r, _: r))(_bench_record(item, where), where), bad)
       if rec is not None:
         out.append(rec)
   bad = bad or BadRecords()
