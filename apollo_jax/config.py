@@ -37,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"                # compute dtype ("bfloat16" on TPU/GPU); params stay float32
   m.remat = "none"                   # none | full | dots (save matmul outputs) per decoder layer
   m.scan_layers = True               # scan each run of consecutive dense layers (fast compiles)
+  # Inference and HF export (issue 6): the longest prompt + generation accepted (HF config field).
+  m.max_position_embeddings = 32768
 
   c.moe = e = ml_collections.ConfigDict()
   e.layers = "last:2"                # "last:N" | "all" | "none" (dense) | "3,7" explicit list

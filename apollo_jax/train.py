@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from apollo_jax import checkpoint, config as cfg, hf, metrics as mx, optimizer, sharding
 from apollo_jax import train_step as ts
+from apollo_jax import workdir as workdir_io
 from apollo_jax.data import pipeline
 from apollo_jax.model import transformer
 
@@ -99,6 +100,7 @@ def train(config, workdir: str) -> dict:
   """Runs (or resumes) training; returns a summary dict. Raises NonFiniteLoss on NaN/Inf."""
   cfg.validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
+  workdir_io.write_config(config, workdir)   # WORKDIR/config.json: all that inference/export need
   mesh = sharding.make_mesh(config)
   stop = StopRequest()
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from apollo_jax.model import kv_cache
+
 Dtype = Any
 
 
@@ -79,7 +81,7 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, segment_ids, positions):
+  def __call__(self, x, segment_ids, positions, cache_len: int = 0):
     B, S, H = x.shape
     nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
     proj = lambda n, names, name: dense(n * hd, ("embed", names), self.init_std, self.dtype,
@@ -89,6 +91,9 @@ class Attention(nn.Module):
     v = proj(nkv, "kv", "v_proj")(x).reshape(B, S, nkv, hd)
     cos, sin = rope_cos_sin(positions, hd, self.rope_theta)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache_len:         # generation: attend over (and append to) the KV cache (kv_cache.py)
+      out = kv_cache.attention(self, q, k, v, segment_ids, cache_len)
+      return dense(H, ("heads", "embed"), self.init_std, self.dtype, name="o_proj")(out)
     # Query heads grouped by the kv head they share: [B, S, nkv, rep, hd] (no k/v repetition).
     q = q.reshape(B, S, nkv, nh // nkv, hd)
     scores = jnp.einsum("BTKRD,BSKD->BKRTS", q, k).astype(jnp.float32) * (hd ** -0.5)

@@ -49,6 +49,7 @@ class DecoderLayer(nn.Module):
   moe: bool = False
   train: bool = False
   scanned: bool = False     # nn.scan body: return (carry, None)
+  cache_len: int = 0        # > 0: generation with a KV cache of this many slots (kv_cache.py)
 
   @nn.compact
   def __call__(self, x, segment_ids, positions, family=None):
@@ -56,7 +57,7 @@ class DecoderLayer(nn.Module):
     dtype = layers.dtype_of(m.dtype)
     h = layers.RMSNorm(m.rms_norm_eps, name="input_layernorm")(x)
     x = x + layers.Attention(m.num_heads, m.num_kv_heads, _head_dim(m), m.rope_theta, m.init_std,
-                             dtype, name="self_attn")(h, segment_ids, positions)
+                             dtype, name="self_attn")(h, segment_ids, positions, self.cache_len)
     h = layers.RMSNorm(m.rms_norm_eps, name="post_attention_layernorm")(x)
     if self.moe:
       y, stats = MoEBlock(self.config, name="mlp")(h, segment_ids, family, self.train)
@@ -83,7 +84,8 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, language_ids=None, segment_ids=None, positions=None,
-               train: bool = False):
+               train: bool = False, cache_len: int = 0):
+    """cache_len > 0: generation; apply with mutable=["cache"] (kv_cache.py)."""
     m, e = self.config.model, self.config.moe
     dtype = layers.dtype_of(m.dtype)
     B, S = input_ids.shape
@@ -105,14 +107,14 @@ class Transformer(nn.Module):
 
     for p in plan:
       if p["stacked"]:
-        body = nn.scan(_remat(DecoderLayer, m.remat, True), variable_axes={"params": 0},
+        body = nn.scan(_remat(DecoderLayer, m.remat, True), variable_axes={"params": 0, "cache": 0},
                        split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
                        length=p["count"], metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = body(self.config, scanned=True, name=p["name"])(x, segment_ids, positions)
+        x, _ = body(self.config, scanned=True, cache_len=cache_len, name=p["name"])(x, segment_ids, positions)
       else:
         moe = p["kind"] == "moe"
         layer = _remat(DecoderLayer, m.remat, False)(self.config, moe=moe, train=train,
-                                                     name=p["name"])
+                                                     cache_len=cache_len, name=p["name"])
         x = layer(x, segment_ids, positions, family if moe else None)
 
     x = layers.RMSNorm(m.rms_norm_eps, name="norm")(x)
