@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from apollo_jax import analysis, languages
+from apollo_jax import analysis, languages, sharding
 from apollo_jax.data import chat, records
 
 # Benchmark ids of the major languages (SPEC §7.2); other sources end in "-<code>" / "_<code>".
@@ -89,7 +89,7 @@ def routing_fn(lm):
 
 
 def count(lm, inputs, batch_size: int = 8, max_len: int = 256) -> analysis.RoutingCounts:
-  """Per-language RoutingCounts of `inputs` ([(ids, language)]) under the model `lm`."""
+  """Per-language RoutingCounts of `inputs` ([(ids, language)]) under `lm` (an inference.LM)."""
   from apollo_jax import config as cfg
   c = lm.config
   layers = cfg.moe_layer_indices(c.moe.layers, c.model.num_layers)
@@ -97,16 +97,16 @@ def count(lm, inputs, batch_size: int = 8, max_len: int = 256) -> analysis.Routi
     raise ValueError("the model has no MoE layers (moe.layers='none'): there is no routing to analyse")
   fn = routing_fn(lm)
   counts = analysis.RoutingCounts(layers, len(languages.CODES), c.moe.num_experts)
+  rows = -(-batch_size // lm.batch_multiple) * lm.batch_multiple      # divisible over the mesh
   order = sorted(range(len(inputs)), key=lambda i: len(inputs[i][0]))   # similar lengths together
-  for start in range(0, len(order), batch_size):
-    chunk = [inputs[i] for i in order[start:start + batch_size]]
+  for start in range(0, len(order), rows):
+    chunk = [inputs[i] for i in order[start:start + rows]]
     P = _bucket(max(len(ids) for ids, _ in chunk), max_len)
-    ids = np.zeros((batch_size, P), np.int32)
-    lang = np.zeros((batch_size, P), np.int32)
-    seg = np.zeros((batch_size, P), np.int32)
+    ids, lang, seg = (np.zeros((rows, P), np.int32) for _ in range(3))
     for r, (x, l) in enumerate(chunk):
       ids[r, :len(x)], lang[r, :len(x)], seg[r, :len(x)] = x, l, 1
-    chosen = jax.device_get(fn(lm.params, jnp.asarray(ids), jnp.asarray(lang), jnp.asarray(seg)))
+    with sharding.activate(lm.mesh):
+      chosen = jax.device_get(fn(lm.params, jnp.asarray(ids), jnp.asarray(lang), jnp.asarray(seg)))
     counts.add(chosen, lang, seg)
   return counts
 

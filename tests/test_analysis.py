@@ -2,14 +2,13 @@
 PNGs, and the analysis of a language-routed model (every language on its own expert)."""
 
 import os
-import types
 
 import jax
 import matplotlib.image
 import numpy as np
 import pytest
 
-from apollo_jax import analysis, analyze, languages, plot
+from apollo_jax import analysis, analyze, inference, languages, plot
 from apollo_jax.data import tokenizer as tok_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,12 +105,11 @@ def language_routed():
   from apollo_jax.model import transformer
   c = make_config("routing=language,moe_layers=all")
   c.data.seq_len = 32
-  module = transformer.build_model(c)
   rng = np.random.default_rng(0)     # random weights without compiling init: routing ignores them
   params = jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32),
                         transformer.abstract_params(c))
   tok = tok_lib.load_tokenizer(os.path.join(ROOT, "data/sample/tokenizer.model"))
-  return types.SimpleNamespace(config=c, module=module, params=params, tokenizer=tok)
+  return inference.from_params(c, params, tok)      # on the 8 simulated devices (fsdp=8)
 
 
 def test_language_routed_model_puts_each_language_on_its_expert(language_routed, tmp_path):
