@@ -68,8 +68,8 @@ def read_inputs(files: str, tokenizer, max_len: int, max_samples: int = 0) -> li
 
 
 def _bucket(n: int, max_len: int) -> int:
-  """Padded length: the next power of two >= 16 (few compiles), at most max_len."""
-  return min(max(16, 1 << (n - 1).bit_length()), max_len)
+  """Padded length: the next power of two >= 64 (few compiles), at most max_len."""
+  return min(max(64, 1 << (n - 1).bit_length()), max_len)
 
 
 def routing_fn(lm):

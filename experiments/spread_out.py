@@ -70,7 +70,7 @@ def main():
     for data, files in DATA.items():
       out = os.path.join(wd, f"analysis_{data}")
       run(["-m", "apollo_jax.analyze", f"--model={wd}", f"--data={files}", f"--out={out}",
-           "--group=family"])
+           "--group=family", "--batch_size=32"])
       with open(os.path.join(ROOT, out, "routing.json")) as f:
         results[name][data] = json.load(f)
   first = next(iter(results.values()))["bench"]
