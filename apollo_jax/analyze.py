@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -155,9 +156,14 @@ def main(argv):
   if not F.model or not F.out:
     raise app.UsageError("--model=PATH and --out=DIR are required")
   from apollo_jax import inference
-  lm = inference.load(F.model, step=F.step)
-  max_len = F.max_len or lm.config.data.seq_len
-  inputs = read_inputs(F.data, lm.tokenizer, max_len, F.max_samples)
+  try:                      # bad path / data: the message says what is wrong, no traceback
+    lm = inference.load(F.model, step=F.step)
+    if lm.tokenizer is None:
+      raise ValueError(f"{F.model} has no tokenizer to encode --data with")
+    max_len = F.max_len or lm.config.data.seq_len
+    inputs = read_inputs(F.data, lm.tokenizer, max_len, F.max_samples)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
   result = analyze(lm, inputs, F.batch_size, max_len)
   result.update(model=os.path.abspath(F.model), data=F.data)
   paths = write(result, F.out, F.group)

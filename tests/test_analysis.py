@@ -143,3 +143,13 @@ def test_read_inputs_conversations_and_bench(language_routed):
   assert analyze.bench_language("MMLU_clinical_knowledge_de") == languages.index("de")
   with pytest.raises(ValueError, match="language unknown"):
     analyze.bench_language("mystery-bench")
+
+
+def test_cli_bad_model_path_is_a_clear_error(tmp_path):
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-m", "apollo_jax.analyze", f"--model={tmp_path / 'nope'}",
+                        f"--out={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert "model path" in out.stderr and "does not exist" in out.stderr
