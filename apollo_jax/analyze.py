@@ -20,7 +20,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from apollo_jax import analysis, languages, sharding
 from apollo_jax.data import chat, records
@@ -155,6 +155,8 @@ def main(argv):
   F = flags.FLAGS
   if not F.model or not F.out:
     raise app.UsageError("--model=PATH and --out=DIR are required")
+  if not F["verbosity"].present:   # Orbax logs every restore at INFO
+    logging.set_verbosity(logging.WARNING)
   from apollo_jax import inference
   try:                      # bad path / data: the message says what is wrong, no traceback
     lm = inference.load(F.model, step=F.step)
