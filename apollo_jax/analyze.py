@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from apollo_jax import analysis, languages, sharding
+from apollo_jax import analysis, inference, languages, plot, sharding
+from apollo_jax import config as cfg
 from apollo_jax.data import chat, records
+from apollo_jax.model import transformer
 
 # Benchmark ids of the major languages (SPEC §7.2); other sources end in "-<code>" / "_<code>".
 BENCH_LANGUAGE = {
@@ -78,20 +80,18 @@ def routing_fn(lm):
   config = copy.deepcopy(lm.config)
   with config.unlocked():
     config.moe.analysis = True
-  from apollo_jax.model import transformer
   module = transformer.build_model(config)
 
   @jax.jit
   def fn(params, ids, language_ids, segment_ids):
     _, state = module.apply({"params": params}, ids, language_ids=language_ids,
                             segment_ids=segment_ids, train=False, mutable=["moe"])
-    return {int(name.rsplit("_", 1)[1]): s["chosen_experts"][0] for name, s in state["moe"].items()}
+    return {transformer._layer_index(name): s["chosen_experts"][0] for name, s in state["moe"].items()}
   return fn
 
 
 def count(lm, inputs, batch_size: int = 8, max_len: int = 256) -> analysis.RoutingCounts:
   """Per-language RoutingCounts of `inputs` ([(ids, language)]) under `lm` (an inference.LM)."""
-  from apollo_jax import config as cfg
   c = lm.config
   layers = cfg.moe_layer_indices(c.moe.layers, c.model.num_layers)
   if not layers:
@@ -129,7 +129,6 @@ def analyze(lm, inputs, batch_size: int = 8, max_len: int = 256) -> dict:
 
 def write(result: dict, out_dir: str, group: str = "language") -> list:
   """routing.json + the heatmaps of `group` under out_dir; returns the written paths."""
-  from apollo_jax import plot
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, "routing.json")
   with open(path, "w") as f:
@@ -157,7 +156,6 @@ def main(argv):
     raise app.UsageError("--model=PATH and --out=DIR are required")
   if not F["verbosity"].present:   # Orbax logs every restore at INFO
     logging.set_verbosity(logging.WARNING)
-  from apollo_jax import inference
   try:                      # bad path / data: the message says what is wrong, no traceback
     lm = inference.load(F.model, step=F.step)
     if lm.tokenizer is None:
