@@ -142,7 +142,7 @@ def heatmap_size(rows: int, cols: int) -> tuple:
 
 
 def _heatmap(path, values, title, xlabels, ylabels, vmax, xlabel, annot=None, right=None):
-  """values [rows, cols]; rows drawn bottom-up (layer 1 at the bottom, as the original)."""
+  """values [rows, cols]; rows drawn bottom-up (first layer at the bottom, as the original)."""
   values = np.asarray(values, np.float64)
   rows, cols = values.shape
   W, H = heatmap_size(rows, cols)
@@ -173,7 +173,7 @@ def routing_heatmaps(result: dict, out_dir: str, group: str = "language") -> lis
   """Figure-3-style PNGs of an analyze result: one layers x experts heatmap per group, the average
   over groups, and a layers x groups panel of each group's dominant-expert share."""
   g = result[group]
-  layers = [str(i + 1) for i in result["moe_layers"]]          # 1-based as the paper
+  layers = [str(i) for i in result["moe_layers"]]     # 0-based, as moe.layers and metrics.jsonl
   experts = [str(e) for e in range(result["num_experts"])]
   vmax = 1.0 / result["top_k"]
   spec = [f"S={s:.2f} ({c:.2f})" for s, c in zip(g["specialization"], g["specialization_chance"])]

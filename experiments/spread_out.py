@@ -43,7 +43,7 @@ def last_eval(workdir):
 def table(results):
   """Markdown rows: S (chance) per layer, by language and by family, for every run and data set."""
   layers = next(iter(results.values()))["bench"]["moe_layers"]
-  head = "| model | data | grouping | " + " | ".join(f"layer {i + 1}" for i in layers) + " |"
+  head = "| model | data | grouping | " + " | ".join(f"layer {i}" for i in layers) + " |"
   lines = [head, "|" + "---|" * (3 + len(layers))]
   for name, res in results.items():
     for data, r in res.items():
