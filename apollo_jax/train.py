@@ -157,7 +157,9 @@ def _loop(config, workdir, mesh, model, tx, state, shardings, data, ckpt, stop):
   train_fn = plan.before_training(config, mesh, train_fn, state, log.print)   # memory/FLOP plan
 
   if start == 0 and config.eval_every > 0:     # baseline for "is eval loss falling"
-    summary["eval_loss_start"] = evaluate(eval_fn, state["params"], data, mesh, rows)["eval_loss"]
+    ev0 = evaluate(eval_fn, state["params"], data, mesh, rows)
+    summary["eval_loss_start"] = ev0["eval_loss"]
+    log.write(0, ev0)                          # plot.py draws the eval curve from step 0
     log.print(f"step 0: eval_loss {summary['eval_loss_start']:.4f}")
 
   def check(step, m):

@@ -37,6 +37,8 @@ def test_metrics_jsonl(reference):
   assert recs[0]["tokens_per_s"] is None and recs[1]["tokens_per_s"] > 0 and recs[1]["mfu"] > 0
   evals = [r["step"] for r in recs if "eval_loss" in r]
   assert evals == [10, 20, 30]
+  first = tf.read_metrics(reference, train_only=False)[0]     # the step-0 eval baseline
+  assert first["step"] == 0 and "loss" not in first and first["eval_loss"] > recs[-1]["eval_loss"]
   # the schedule: warmup_ratio 0.1 of 30 steps = 3 warmup steps, first update at lr 0
   assert recs[0]["lr"] == 0 and recs[3]["lr"] == pytest.approx(3e-3)
   assert recs[-1]["loss"] < recs[0]["loss"] - 0.5

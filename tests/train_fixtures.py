@@ -91,12 +91,14 @@ def committed_steps(workdir):
   return sorted(int(n) for n in os.listdir(d) if n.isdigit())
 
 
-def read_metrics(workdir):
+def read_metrics(workdir, train_only=True):
+  """metrics.jsonl records; train_only drops the step-0 eval-only record (it has no "loss")."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    recs = [json.loads(line) for line in f if line.strip()]
+  return [r for r in recs if "loss" in r] if train_only else recs
 
 
 def restore_params(workdir, step):

@@ -1,0 +1,177 @@
+"""Routing analysis of a trained model: `python -m apollo_jax.analyze --model=PATH --data=FILES
+--out=DIR [--group=language|family]`.
+
+PATH is anything `inference.load` accepts. FILES (path, glob or comma list) are ApolloMoEDataset
+conversations (list or extracted form, tokenised in the training chat format) or ApolloMoEBench
+records (zero-shot prompt "User:{question}\\n{options}\\nAssistant:"). Inference-mode forward passes
+(train=False: plain top-k for every routing mode except `language`) sow each real token's chosen
+experts; apollo_jax.analysis counts them per MoE layer, per language and per family (padding is
+never counted). Writes DIR/routing.json (both groupings; definitions inside) and PNG heatmaps for
+--group: heatmaps/<group>_<name>.png (layers x experts), heatmap_average.png and
+dominant_<group>.png (layers x groups: share of the group's tokens on its most-used expert).
+"""
+
+import copy
+import json
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from apollo_jax import analysis, inference, languages, plot, sharding
+from apollo_jax import config as cfg
+from apollo_jax.data import chat, records
+from apollo_jax.model import transformer
+
+# Benchmark ids of the major languages (SPEC §7.2); other sources end in "-<code>" / "_<code>".
+BENCH_LANGUAGE = {
+    "medqa-usmle": "en", "medmcqa": "en", "mmlu-medical": "en", "pubmedqa": "en",
+    "medqa-mcmle": "zh", "cmmlu-medical": "zh", "cmb-single": "zh", "cmexam": "zh",
+    "headqa": "es", "frenchmedmcqa": "fr", "IgakuQA": "ja", "KorMedMCQA": "ko",
+    "MedExpQA": "it", "RuMedDaNet": "ru",
+}
+
+
+def bench_language(source: str) -> int:
+  """Language index of an ApolloMoEBench source id ('headqa' -> es, 'mmlu-medical-ar' -> ar)."""
+  code = BENCH_LANGUAGE.get(source) or re.split(r"[-_]", source)[-1]
+  if code not in languages.CODES:
+    raise ValueError(f"benchmark source {source!r}: language unknown (not a SPEC §7.2 benchmark id "
+                     "and no '-<language code>' suffix)")
+  return languages.index(code)
+
+
+def _is_bench(path: str) -> bool:
+  data = records.load_json(path)
+  return isinstance(data, list) and bool(data) and isinstance(data[0], dict) and "question" in data[0]
+
+
+def read_inputs(files: str, tokenizer, max_len: int, max_samples: int = 0) -> list:
+  """[(ids int32[n <= max_len], language index)] from conversation or benchmark files."""
+  out = []
+  encode = chat.ChatEncoder(tokenizer)
+  for path in records.expand_files(files):
+    if _is_bench(path):
+      for r in records.read_bench([path])[0]:
+        context = f"Context: {r['context']}\n" if r["context"] else ""
+        ids = tokenizer.encode(f"{chat.USER}{context}{r['question']}\n{r['options']}")
+        ids += tokenizer.encode(chat.SEP + chat.ASSISTANT)
+        out.append((np.asarray(ids, np.int32), bench_language(r["source"])))
+    else:
+      out.extend((encode(s.turns)[0], s.language) for s in records.read_dataset([path])[0])
+  if max_samples:
+    out = out[:max_samples]
+  if not out:
+    raise ValueError(f"--data={files}: no conversations or benchmark records found")
+  return [(ids[:max_len], lang) for ids, lang in out]
+
+
+def _bucket(n: int, max_len: int) -> int:
+  """Padded length: the next power of two >= 64 (few compiles), at most max_len."""
+  return min(max(64, 1 << (n - 1).bit_length()), max_len)
+
+
+def routing_fn(lm):
+  """jitted (params, ids, language_ids, segment_ids) -> {decoder layer: chosen experts [B,S,K]}."""
+  config = copy.deepcopy(lm.config)
+  with config.unlocked():
+    config.moe.analysis = True
+  module = transformer.build_model(config)
+
+  @jax.jit
+  def fn(params, ids, language_ids, segment_ids):
+    _, state = module.apply({"params": params}, ids, language_ids=language_ids,
+                            segment_ids=segment_ids, train=False, mutable=["moe"])
+    return {transformer._layer_index(name): s["chosen_experts"][0] for name, s in state["moe"].items()}
+  return fn
+
+
+def count(lm, inputs, batch_size: int = 8, max_len: int = 256) -> analysis.RoutingCounts:
+  """Per-language RoutingCounts of `inputs` ([(ids, language)]) under `lm` (an inference.LM)."""
+  c = lm.config
+  layers = cfg.moe_layer_indices(c.moe.layers, c.model.num_layers)
+  if not layers:
+    raise ValueError("the model has no MoE layers (moe.layers='none'): there is no routing to analyse")
+  fn = routing_fn(lm)
+  counts = analysis.RoutingCounts(layers, len(languages.CODES), c.moe.num_experts)
+  rows = -(-batch_size // lm.batch_multiple) * lm.batch_multiple      # divisible over the mesh
+  order = sorted(range(len(inputs)), key=lambda i: len(inputs[i][0]))   # similar lengths together
+  for start in range(0, len(order), rows):
+    chunk = [inputs[i] for i in order[start:start + rows]]
+    P = _bucket(max(len(ids) for ids, _ in chunk), max_len)
+    ids, lang, seg = (np.zeros((rows, P), np.int32) for _ in range(3))
+    for r, (x, l) in enumerate(chunk):
+      ids[r, :len(x)], lang[r, :len(x)], seg[r, :len(x)] = x, l, 1
+    with sharding.activate(lm.mesh):
+      chosen = jax.device_get(fn(lm.params, jnp.asarray(ids), jnp.asarray(lang), jnp.asarray(seg)))
+    counts.add(chosen, lang, seg)
+  return counts
+
+
+def analyze(lm, inputs, batch_size: int = 8, max_len: int = 256) -> dict:
+  """The routing.json object: per-language and per-family summaries of the model's routing."""
+  by_lang = count(lm, inputs, batch_size, max_len)
+  by_family = analysis.regroup(by_lang, languages.expert_map("family7"), len(languages.FAMILIES))
+  e = lm.config.moe
+  return {
+      "moe_layers": by_lang.layers, "num_experts": e.num_experts, "top_k": e.top_k,
+      "routing": e.routing, "expert_map": e.expert_map, "impl": e.get("impl", "capacity"),
+      "sequences": len(inputs), "tokens": int(by_lang.tokens[0].sum()),
+      "definitions": analysis.DEFINITIONS,
+      "language": analysis.summarize(by_lang, "language"),
+      "family": analysis.summarize(by_family, "family"),
+  }
+
+
+def write(result: dict, out_dir: str, group: str = "language") -> list:
+  """routing.json + the heatmaps of `group` under out_dir; returns the written paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, "routing.json")
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1)
+  return [path] + plot.routing_heatmaps(result, out_dir, group)
+
+
+def define_flags():
+  flags.DEFINE_string("model", None, "model to analyse (anything inference.load accepts)")
+  flags.DEFINE_string("data", "data/sample/apollo_moe_sample.json",
+                      "conversation (ApolloMoEDataset) or benchmark (ApolloMoEBench) files: path, glob or list")
+  flags.DEFINE_string("out", None, "output directory for routing.json and the PNGs")
+  flags.DEFINE_enum("group", "language", list(analysis.GROUPINGS), "grouping of the heatmaps")
+  flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+  flags.DEFINE_integer("batch_size", 8, "sequences per forward pass")
+  flags.DEFINE_integer("max_len", 0, "truncate sequences to this many tokens (0: the model's data.seq_len)")
+  flags.DEFINE_integer("max_samples", 0, "analyse only the first N records (0: all)")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  F = flags.FLAGS
+  if not F.model or not F.out:
+    raise app.UsageError("--model=PATH and --out=DIR are required")
+  if not F["verbosity"].present:   # Orbax logs every restore at INFO
+    logging.set_verbosity(logging.WARNING)
+  try:                      # bad path / data: the message says what is wrong, no traceback
+    lm = inference.load(F.model, step=F.step)
+    if lm.tokenizer is None:
+      raise ValueError(f"{F.model} has no tokenizer to encode --data with")
+    max_len = F.max_len or lm.config.data.seq_len
+    inputs = read_inputs(F.data, lm.tokenizer, max_len, F.max_samples)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  result = analyze(lm, inputs, F.batch_size, max_len)
+  result.update(model=os.path.abspath(F.model), data=F.data)
+  paths = write(result, F.out, F.group)
+  spec = " ".join(f"{s:.2f}" for s in result[F.group]["specialization"])
+  print(f"{result['tokens']} tokens of {result['sequences']} sequences; specialization by {F.group} "
+        f"per MoE layer {result['moe_layers']}: {spec}\nwrote {len(paths)} files under {F.out}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
