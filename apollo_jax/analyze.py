@@ -14,7 +14,6 @@ dominant_<group>.png (layers x groups: share of the group's tokens on its most-u
 import copy
 import json
 import os
-import re
 import sys
 
 import jax
@@ -24,30 +23,21 @@ from absl import app, flags, logging
 
 from apollo_jax import analysis, inference, languages, plot, sharding
 from apollo_jax import config as cfg
-from apollo_jax.data import chat, records
+from apollo_jax.data import chat, records, stream_json
+from apollo_jax.evaluation import bench
 from apollo_jax.model import transformer
 
 # Benchmark ids of the major languages (SPEC §7.2); other sources end in "-<code>" / "_<code>".
-BENCH_LANGUAGE = {
-    "medqa-usmle": "en", "medmcqa": "en", "mmlu-medical": "en", "pubmedqa": "en",
-    "medqa-mcmle": "zh", "cmmlu-medical": "zh", "cmb-single": "zh", "cmexam": "zh",
-    "headqa": "es", "frenchmedmcqa": "fr", "IgakuQA": "ja", "KorMedMCQA": "ko",
-    "MedExpQA": "it", "RuMedDaNet": "ru",
-}
-
-
 def bench_language(source: str) -> int:
   """Language index of an ApolloMoEBench source id ('headqa' -> es, 'mmlu-medical-ar' -> ar)."""
-  code = BENCH_LANGUAGE.get(source) or re.split(r"[-_]", source)[-1]
-  if code not in languages.CODES:
-    raise ValueError(f"benchmark source {source!r}: language unknown (not a SPEC §7.2 benchmark id "
-                     "and no '-<language code>' suffix)")
-  return languages.index(code)
+  return languages.index(bench.source_language(source))
 
 
 def _is_bench(path: str) -> bool:
-  data = records.load_json(path)
-  return isinstance(data, list) and bool(data) and isinstance(data[0], dict) and "question" in data[0]
+  """A benchmark file (a list of records with 'question'), judged by its first item (streamed)."""
+  for _, _, item, _ in stream_json.iter_items(path, "{path}: not a JSON list or object ({got})"):
+    return isinstance(item, dict) and "question" in item
+  return False
 
 
 def read_inputs(files: str, tokenizer, max_len: int, max_samples: int = 0) -> list:

@@ -141,7 +141,7 @@ def test_read_inputs_conversations_and_bench(language_routed):
   assert len(bench) == 136 and {languages.CODES[l] for _, l in bench} == set(languages.CODES)
   assert analyze.bench_language("headqa") == languages.index("es")
   assert analyze.bench_language("MMLU_clinical_knowledge_de") == languages.index("de")
-  with pytest.raises(ValueError, match="language unknown"):
+  with pytest.raises(ValueError, match="unknown language"):
     analyze.bench_language("mystery-bench")
 
 
