@@ -103,8 +103,8 @@ def global_batch(local, mesh, rows: int):
 
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) training; returns a summary dict. Raises NonFiniteLoss on NaN/Inf."""
+  run_setup.prepare(config)             # init_from's tokenizer; big configs: what is missing (first)
   cfg.validate(config, jax.device_count())
-  run_setup.prepare(config)             # init_from's tokenizer; big configs: what is missing
   mesh = sharding.make_mesh(config)
   stop = StopRequest()
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):

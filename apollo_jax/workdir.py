@@ -28,7 +28,7 @@ def write_config(config, workdir: str):
   out.mkdir(parents=True, exist_ok=True)
   tmp = out / (CONFIG + ".tmp")
   tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-  tmp.rename(out / CONFIG)
+  tmp.replace(out / CONFIG)
   tok = config.data.tokenizer
   if tok and os.path.isdir(tok):
     tok = os.path.join(tok, "tokenizer.json")
