@@ -17,6 +17,7 @@ slots per expert and group, M model (hidden) size, H expert hidden (intermediate
 slots, N tokens. Padding tokens (segment id 0) are not routed.
 """
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -121,7 +122,10 @@ def dropless_moe(x, idx, weights, valid, wg, wu, wd):
     return y.reshape(B, S, M)
 
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
+  shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  if mesh.empty or mesh.size == 1 or x.shape[0] % shards:
+    # One device, or rows that do not split over the batch axes (e.g. the 1-row init): plain
+    # jit; GSPMD keeps it exact (one global sort), just not device-local.
     return local(x, idx, weights, valid, wg, wu, wd)
   tok, rep = jax.P(sharding.BATCH_AXES), jax.P()
   return jax.shard_map(local, mesh=mesh, in_specs=(tok,) * 4 + (rep,) * 3, out_specs=tok,
