@@ -184,6 +184,7 @@ _blocks_swiglu.defvjp(_blocks_fwd, _blocks_bwd)
 def moe_ffn(x_NM, idx, weights, valid, wg, wu, wd, kernel: str, block: int = BLOCK_ROWS):
   """The routed experts' output [N, M] (float32): sum_k weights * expert_idx(x), every valid
   assignment computed. idx/weights/valid [N, K]; invalid slots contribute nothing."""
+  wg, wu, wd = (jnp.asarray(w) for w in (wg, wu, wd))      # params may arrive as numpy arrays
   plan = sort_plan(idx, valid, wg.shape[0], block if kernel == "blocks" else 1)
   y_rows = grouped_swiglu(dispatch(x_NM, plan), plan, wg, wu, wd, kernel)
   return combine(y_rows, jnp.where(valid, weights, 0.0), plan)
