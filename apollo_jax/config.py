@@ -16,6 +16,7 @@ PACKING_MODES = ("segment", "causal")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -37,10 +38,18 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"                # compute dtype ("bfloat16" on TPU/GPU); params stay float32
   m.remat = "none"                   # none | full | dots (save matmul outputs) per decoder layer
   m.scan_layers = True               # scan each run of consecutive dense layers (fast compiles)
+  # Attention kernel (issue 8; model/attention.py): auto | xla | blocked | cudnn. auto = blocked
+  # (skips fully masked causal tiles) on CPU, xla elsewhere; cudnn = GPU flash attention, only
+  # with data.packing="causal" (it takes no segment ids; a clear error otherwise).
+  m.attention = "auto"
   # Inference and HF export (issue 6): the longest prompt + generation accepted (HF config field).
   m.max_position_embeddings = 32768
 
   c.moe = e = ml_collections.ConfigDict()
+  # MoE implementation (issue 8; model/moe.py): "dropless" = every top-k assignment computed, as
+  # the original (sorted grouped matmul, no capacity: capacity_factor/group_size unused);
+  # "capacity" = GShard slots per group with drops (capacity_factor, group_size below).
+  e.impl = "dropless"
   e.layers = "last:2"                # "last:N" | "all" | "none" (dense) | "3,7" explicit list
   e.num_experts = 7                  # real experts; language routing needs the map's size
   e.expert_map = "family7"           # family7 | major12 | lang50 (languages.EXPERT_MAPS)
@@ -256,6 +265,11 @@ def validate(config, num_devices: int | None = None):
   need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}; choose one of {REMAT_POLICIES}")
   moe_idx = moe_layer_indices(e.layers, m.num_layers)
   need(e.routing in ROUTING_MODES, f"moe.routing={e.routing!r}; choose one of {ROUTING_MODES}")
+  need(e.impl in ("dropless", "capacity"), f"moe.impl={e.impl!r}; choose 'dropless' or 'capacity'")
+  need(m.attention in ATTENTION_IMPLS, f"model.attention={m.attention!r}; choose one of {ATTENTION_IMPLS}")
+  need(m.attention != "cudnn" or config.data.packing == "causal",
+       "model.attention='cudnn' takes no segment ids, so it cannot keep packed samples apart; use "
+       "data.packing='causal' (the original's packing) or model.attention='auto'/'blocked'/'xla'")
   need(e.expert_map in languages.EXPERT_MAPS,
        f"moe.expert_map={e.expert_map!r}; choose one of {languages.EXPERT_MAPS}")
   if moe_idx:

@@ -2,7 +2,8 @@
 
 Compares, on the same tokens and sizes:
   dense_ffn        one SwiGLU FFN (what a dense layer costs; the MoE's active FLOPs are ~k x this)
-  moe_cf{X}_g{S}   our capacity-based dispatch/combine MoE block (training mode, Hybrid-k)
+  moe_dropless     our default MoE block, moe.impl="dropless" (training mode, Hybrid-k): exact
+  moe_cf{X}_g{S}   moe.impl="capacity" at capacity factor X, groups of S tokens (drops)
   all_experts      every expert on every token, weighted by the routing (dropless, E/k x FLOPs)
 Ratios are to dense_ffn; absolute times are noisy on shared machines, the ratios much less.
 
@@ -87,16 +88,19 @@ def main():
   v = ffn.init(jax.random.PRNGKey(2), x)
   results["dense_ffn"] = timeit(grad_step(ffn, v, x), v, x, repeats=a.repeats)
 
-  for cf, group in ((1.25, 512), (2.0, 512), (2.0, 2048), (0.0, 512)):
+  for impl, cf, group in (("dropless", 0.0, 0), ("capacity", 1.25, 512), ("capacity", 2.0, 512),
+                          ("capacity", 2.0, 2048), ("capacity", 0.0, 512)):
     c = cfg.base_config()
+    c.moe.impl = impl
     c.model.hidden_size, c.model.intermediate_size, c.model.dtype = a.hidden, a.inter, a.dtype
-    c.moe.num_experts, c.moe.top_k, c.moe.group_size = a.experts, a.top_k, group
+    c.moe.num_experts, c.moe.top_k, c.moe.group_size = a.experts, a.top_k, max(group, 1)
     c.moe.capacity_factor = cf
     block = MoEBlock(c)
     v = block.init(jax.random.PRNGKey(3), x, seg, fam, True)
     step = grad_step(block, v, x, seg, fam, True)
-    results[f"moe_cf{cf:g}_g{group}" if cf > 0 else f"moe_nodrop_g{group}"] = timeit(
-        step, v, x, repeats=a.repeats)
+    name = ("moe_dropless" if impl == "dropless" else
+            f"moe_cf{cf:g}_g{group}" if cf > 0 else f"moe_nodrop_g{group}")
+    results[name] = timeit(step, v, x, repeats=a.repeats)
 
   ref = AllExperts(a.experts, a.top_k, a.inter, dtype)
   v = ref.init(jax.random.PRNGKey(4), x)

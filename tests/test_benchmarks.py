@@ -11,10 +11,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("script,args,expect", [
     ("moe_block.py", ["--tokens=256", "--seq=64", "--hidden=32", "--inter=64", "--repeats=1"],
-     ["dense_ffn", "moe_cf1.25_g512", "moe_nodrop_g512", "all_experts"]),
+     ["dense_ffn", "moe_dropless", "moe_cf1.25_g512", "moe_nodrop_g512", "all_experts"]),
     ("train_step.py", ["--hidden=32", "--inter=64", "--layers=3", "--seq=32", "--batch=2",
                        "--vocab=128", "--group=32", "--rounds=1"],
-     ["dense", "post_moe_cf1.25", "all_moe_cf1.25"]),
+     ["dense", "post_moe", "post_moe_cf1.25", "all_moe"]),
+    ("vs_torch.py", ["--quick"], ["HF transformers Qwen2MoeForCausalLM", "apollo_jax / torch",
+                                  "MoE layer / dense FFN"]),
 ])
 def test_benchmark_runs(script, args, expect):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")

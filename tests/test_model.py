@@ -215,10 +215,10 @@ def test_remat_gives_identical_logits_and_grads():
 
 def test_expert_padding_matches_unpadded():
   c = make_config()
-  c.moe.capacity_factor = 1.0          # drops happen; capacity depends only on the real experts
+  c.moe.impl, c.moe.capacity_factor = "capacity", 1.0   # drops happen; capacity counts real experts
   _, params = init(c)
   cp = make_config()
-  cp.moe.capacity_factor, cp.moe.expert_multiple = 1.0, 8
+  cp.moe.impl, cp.moe.capacity_factor, cp.moe.expert_multiple = "capacity", 1.0, 8
   shapes = jax.eval_shape(build_model(cp).init, jax.random.PRNGKey(0), jnp.zeros((B, S), jnp.int32))
   assert shapes["params"]["layers_2"]["mlp"]["experts"]["gate_proj"].value.shape == (8, 32, 48)
   exp = moe._expert_init(0.1, 7)(jax.random.PRNGKey(0), (8, 3, 4))

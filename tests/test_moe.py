@@ -1,4 +1,5 @@
-"""MoE block vs an independent loop-over-experts reference (numpy forward, jnp dense grads)."""
+"""MoE block vs an independent loop-over-experts reference (numpy forward, jnp dense grads), for
+both implementations (dropless default, capacity), plus the old one-hot einsum capacity dispatch."""
 
 import importlib.util
 import os
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from apollo_jax import config as cfg
-from apollo_jax.model import moe
+from apollo_jax.model import dropless, moe, routing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, S, M = 2, 8, 16
@@ -142,6 +143,7 @@ CASES = {  # name: (config fields, train, reference mode)
     "topk_norm": (dict(routing="topk", norm_topk_prob=True), False, "topk"),
     "language_shared": (dict(routing="language", top_k=1, shared_expert=True), True, "language"),
     "language_k2": (dict(routing="language", top_k=2), False, "language"),
+    "capacity_hybrid_train": (dict(routing="hybrid", impl="capacity"), True, "hybrid"),
 }
 
 
@@ -177,7 +179,7 @@ def test_moe_matches_reference_forward_and_grads(name):
 
 
 def test_tight_capacity_drops_exactly_as_reference():
-  c = make_config(routing="hybrid", capacity_factor=0.5, min_capacity=1, group_size=8)
+  c = make_config(routing="hybrid", capacity_factor=0.5, min_capacity=1, group_size=8, impl="capacity")
   block, params, x = init_block(c, seed=3)
   C = cfg.capacity(8, 7, 2, 0.5, 1)
   assert C == 2
@@ -194,7 +196,7 @@ def test_tight_capacity_drops_exactly_as_reference():
 
 
 def test_padding_tokens_are_not_routed_and_use_no_capacity():
-  c = make_config(routing="topk", capacity_factor=0.5, min_capacity=1, group_size=8)
+  c = make_config(routing="topk", capacity_factor=0.5, min_capacity=1, group_size=8, impl="capacity")
   block, params, x = init_block(c, seed=5)
   seg = np.ones((B, S), np.int32)
   seg[:, :4] = 0                        # padding first: it would take all slots if it were routed
@@ -224,3 +226,91 @@ def test_group_shape():
       for gs in (1, 2, 3, 5, 8, 16, 100):
         G, g = moe.group_shape(B_, S_, gs)
         assert G * g == B_ * S_ and g == _brute_group(B_, S_, gs), (B_, S_, gs, G, g)
+
+
+def test_dropless_keeps_a_single_family_group_that_capacity_drops():
+  """Every token in one family (a monolingual group): Hybrid-k forces all of them onto that
+  expert, which overflows capacity factor 2 (C = 10 of 16 tokens); dropless computes every
+  assignment, = the reference, and does not route padding (chosen -1, output 0)."""
+  fam = np.full((B, S), 4, np.int32)
+  seg = np.ones((B, S), np.int32)
+  seg[1, -3:] = 0
+  c = make_config(routing="hybrid", analysis=True)
+  block, params, x = init_block(c, seed=11)
+  y, stats = block.apply({"params": params}, x, jnp.asarray(seg), jnp.asarray(fam), True)
+  want, _, _ = np_moe(params, x, fam, "hybrid", 2, seg=seg)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  assert float(stats["drop_fraction"]) == 0.0
+  chosen = np.asarray(stats["chosen_experts"])
+  assert (chosen[seg == 0] == -1).all() and (chosen[seg == 1] == 4).any(-1).all()
+  np.testing.assert_array_equal(np.asarray(y)[seg == 0], 0.0)
+  capacity = make_config(routing="hybrid", impl="capacity", capacity_factor=2.0)
+  _, cap_stats = moe.MoEBlock(capacity).apply({"params": params}, x, jnp.asarray(seg), jnp.asarray(fam), True)
+  assert float(cap_stats["drop_fraction"]) > 0.1
+
+
+def old_einsum_capacity(params, c, x, seg, fam):
+  """The capacity MoE as it was before gather/scatter (one-hot [G,S,E,C] einsums), training mode."""
+  e, K, E = c.moe, c.moe.top_k, c.moe.num_experts
+  G, gs = moe.group_shape(B, S, e.group_size)
+  x_GSM = x.reshape(G, gs, M)
+  probs = routing.router_probs(x_GSM @ params["gate"]["kernel"], E)
+  idx, w, valid, is_fam = routing.route(probs, K, e.routing, fam.reshape(G, gs), num_real=E)
+  valid = valid & (seg != 0).reshape(G, gs)[..., None]
+  C = cfg.capacity(gs, E, K, e.capacity_factor, e.min_capacity)
+  pos = routing.capacity_positions(idx, valid, routing.priority_levels(is_fam), E)
+  keep = valid & (pos < C)
+  e_hot = jax.nn.one_hot(idx, E) * keep[..., None]
+  c_hot = jax.nn.one_hot(jnp.where(keep, pos, -1), C)
+  hi = jax.lax.Precision.HIGHEST
+  dispatch = jnp.einsum("GSKE,GSKC->GSEC", e_hot, c_hot, precision=hi)
+  combine = jnp.einsum("GSKE,GSKC->GSEC", e_hot * w[..., None], c_hot, precision=hi)
+  ex = params["experts"]
+  x_EGCM = jnp.einsum("GSEC,GSM->EGCM", dispatch, x_GSM)
+  h = jax.nn.silu(jnp.einsum("EGCM,EMH->EGCH", x_EGCM, ex["gate_proj"])) * jnp.einsum(
+      "EGCM,EMH->EGCH", x_EGCM, ex["up_proj"])
+  y = jnp.einsum("EGCH,EHM->EGCM", h, ex["down_proj"])
+  return jnp.einsum("GSEC,EGCM->GSM", combine, y).reshape(B, S, M)
+
+
+def test_capacity_gather_scatter_equals_the_old_einsums():
+  c = make_config(routing="hybrid", impl="capacity", capacity_factor=0.75, min_capacity=1, group_size=8)
+  block, params, x = init_block(c, seed=13)
+  seg = np.ones((B, S), np.int32)
+  seg[0, :2] = 0
+  seg, fam = jnp.asarray(seg), jnp.asarray(FAMILY)
+  y, stats = block.apply({"params": params}, x, seg, fam, True)
+  assert float(stats["drop_fraction"]) > 0.05
+  np.testing.assert_allclose(y, old_einsum_capacity(params, c, x, seg, fam), rtol=1e-6, atol=1e-7)
+  r = jax.random.normal(jax.random.PRNGKey(3), (B, S, M))
+  new = jax.grad(lambda p, x: jnp.sum(block.apply({"params": p}, x, seg, fam, True)[0] * r), argnums=(0, 1))
+  old = jax.grad(lambda p, x: jnp.sum(old_einsum_capacity(p, c, x, seg, fam) * r), argnums=(0, 1))
+  for (path, g), want in zip(jax.tree_util.tree_leaves_with_path(new(params, x)),
+                             jax.tree.leaves(old(params, x))):
+    np.testing.assert_allclose(g, want, rtol=1e-6, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("kernel,block", [("blocks", 4), ("blocks", 32), ("ragged", 1)])
+def test_dropless_kernels_equal_all_experts_reference(kernel, block):
+  """moe_ffn with invalid slots, any block size, each kernel = every expert on every token
+  weighted by a dense [N, E] matrix (forward and every gradient)."""
+  N, I, E, K = 40, 12, 5, 2
+  k = jax.random.split(jax.random.PRNGKey(0), 6)
+  x = jax.random.normal(k[0], (N, M))
+  wg, wu = (jax.random.normal(kk, (E, M, I)) * 0.3 for kk in k[1:3])
+  wd = jax.random.normal(k[3], (E, I, M)) * 0.3
+  w, idx = jax.lax.top_k(jax.nn.softmax(2 * jax.random.normal(k[4], (N, E))), K)
+  valid = jax.random.uniform(k[5], (N, K)) > 0.2
+
+  def ref(x, w, wg, wu, wd):
+    h = jax.nn.silu(jnp.einsum("NM,EMH->NEH", x, wg)) * jnp.einsum("NM,EMH->NEH", x, wu)
+    wmat = jnp.sum(jax.nn.one_hot(idx, E) * (w * valid)[..., None], 1)
+    return jnp.einsum("NE,NEM->NM", wmat, jnp.einsum("NEH,EHM->NEM", h, wd))
+
+  got = lambda *a: dropless.moe_ffn(a[0], idx, a[1], valid, *a[2:], kernel=kernel, block=block)
+  args = (x, w, wg, wu, wd)
+  np.testing.assert_allclose(got(*args), ref(*args), rtol=1e-5, atol=1e-6)
+  r = jax.random.normal(jax.random.PRNGKey(9), (N, M))
+  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * r), argnums=tuple(range(5)))(*args)
+  for name, g, want in zip(("x", "w", "wg", "wu", "wd"), grads(got), grads(ref)):
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5, err_msg=name)

@@ -124,11 +124,13 @@ def test_invalid_assignments_use_no_capacity():
   np.testing.assert_array_equal(pos[0, [0, 1, 3]], [[2, 1], [0, 0], [1, 2]])
 
 
-def test_dispatch_combine():
-  d, c = routing.dispatch_combine(jnp.array([[[0, 1], [1, 0]]]), jnp.array([[[0.6, 0.3], [0.7, 0.2]]]),
-                                  jnp.array([[[T, F], [T, T]]]), jnp.array([[[0, 0], [0, 1]]]), 2, 2)
-  np.testing.assert_array_equal(d, [[[[1, 0], [0, 0]], [[0, 1], [1, 0]]]])
-  np.testing.assert_allclose(c, [[[[0.6, 0], [0, 0]], [[0, 0.2], [0.7, 0]]]], rtol=1e-7)
+def test_capacity_slots():
+  # group of 2 tokens, K=2, E=2, C=2: t0 -> e0 slot 0 (kept), e1 (dropped); t1 -> e1 slot 0, e0 slot 1
+  slot, slot_token, slot_assignment = routing.capacity_slots(
+      jnp.array([[[0, 1], [1, 0]]]), jnp.array([[[T, F], [T, T]]]), jnp.array([[[0, 0], [0, 1]]]), 2, 2)
+  np.testing.assert_array_equal(slot, [[[0, 4], [2, 1]]])                  # e*C + c; 4 = dropped
+  np.testing.assert_array_equal(slot_token, [[0, 1, 1, 2]])               # 2 = empty slot
+  np.testing.assert_array_equal(slot_assignment, [[0, 3, 2, 4]])          # s*K + k; 4 = empty
 
 
 def _np_softmax(x):

@@ -11,7 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from apollo_jax.model import kv_cache
+from apollo_jax.model import attention, kv_cache
+from apollo_jax.model.attention import attention_mask  # noqa: F401 (re-exported)
 
 Dtype = Any
 
@@ -63,14 +64,6 @@ def apply_rope(x, cos, sin):
   return x * cos + rotated * sin
 
 
-def attention_mask(segment_ids):
-  """bool [B, 1, 1, S, S]: key s visible from query t iff s <= t and both are in the same segment."""
-  S = segment_ids.shape[1]
-  causal = jnp.tril(jnp.ones((S, S), bool))
-  same = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return (causal[None] & same)[:, None, None]
-
-
 class Attention(nn.Module):
   """GQA self-attention: q/k/v projections with bias, o projection without, RoPE on q and k."""
   num_heads: int
@@ -79,6 +72,7 @@ class Attention(nn.Module):
   rope_theta: float
   init_std: float
   dtype: Dtype = jnp.float32
+  impl: str = "xla"           # attention kernel (attention.resolve of model.attention)
 
   @nn.compact
   def __call__(self, x, segment_ids, positions, cache_len: int = 0):
@@ -96,10 +90,7 @@ class Attention(nn.Module):
       return dense(H, ("heads", "embed"), self.init_std, self.dtype, name="o_proj")(out)
     # Query heads grouped by the kv head they share: [B, S, nkv, rep, hd] (no k/v repetition).
     q = q.reshape(B, S, nkv, nh // nkv, hd)
-    scores = jnp.einsum("BTKRD,BSKD->BKRTS", q, k).astype(jnp.float32) * (hd ** -0.5)
-    scores = jnp.where(attention_mask(segment_ids), scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("BKRTS,BSKD->BTKRD", probs, v).reshape(B, S, nh * hd)
+    out = attention.attend(q, k, v, segment_ids, self.impl).reshape(B, S, nh * hd)
     return dense(H, ("heads", "embed"), self.init_std, self.dtype, name="o_proj")(out)
 
 

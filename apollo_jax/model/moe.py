@@ -1,17 +1,23 @@
-"""Mixture-of-experts block: router, capacity-based dispatch/combine, stacked SwiGLU experts.
+"""Mixture-of-experts block: router, stacked SwiGLU experts, two dispatch implementations.
 
-Einsum letters (used everywhere in this file):
-  B batch rows, S tokens per group, G groups, E experts (padded), C capacity slots per expert
-  and group, M model (hidden) size, H expert hidden (intermediate) size, K top-k slots.
+`moe.impl` (config.py):
+  dropless  (default) every top-k assignment is computed, exactly as the original's loop over
+            experts: assignments sorted by expert and run through a grouped matmul
+            (model/dropless.py, kernel chosen per backend). No capacity, no drops.
+  capacity  GShard-style: tokens [B, S_row] are flattened and split into G groups of S tokens
+            (`group_shape`); groups may span rows, so one group mixes languages. Per group every
+            assignment gets a slot in its expert's buffer of C slots (routing.capacity_positions:
+            the token's own family expert first, then first choices, then second choices;
+            earlier tokens first); assignments past C are dropped (they add zero; the residual
+            carries the token). Dispatch and combine are index gathers into [E, G, C, M]
+            (routing.capacity_slots), so memory is linear in the group size.
 
-Tokens [B, S_row] are flattened and split into G groups of S tokens (`group_shape`); groups may
-span rows, so one group mixes languages. Per group every assignment gets a slot in its expert's
-buffer of C slots (routing.capacity_positions: the token's own family expert first, then first
-choices, then second choices; earlier tokens first); assignments past C are dropped (they add
-zero; the residual carries the token). Dispatch/combine tensors are [G, S, E, C], so memory grows
-with S^2 per group and never with (B*S_row)^2. Padding tokens (segment id 0) are not routed.
+Einsum letters: B batch rows, S tokens per group, G groups, E experts (padded), C capacity
+slots per expert and group, M model (hidden) size, H expert hidden (intermediate) size, K top-k
+slots, N tokens. Padding tokens (segment id 0) are not routed.
 """
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -19,7 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from apollo_jax import config as cfg
-from apollo_jax.model import layers, routing
+from apollo_jax import sharding
+from apollo_jax.model import dropless, layers, routing
+
+IMPLS = ("dropless", "capacity")
 
 
 def group_shape(B: int, S: int, group_size: int):
@@ -53,11 +62,7 @@ def _expert_init(std: float, num_real: int):
 
 
 class Experts(nn.Module):
-  """E stacked SwiGLU experts applied to their dispatched tokens [E, G, C, M] in one einsum each.
-
-  The constraints move the sharding from the groups to the experts: under an expert mesh axis
-  this is where GSPMD inserts the all-to-all (and the reverse one on the way out).
-  """
+  """E stacked SwiGLU experts: creates the weights and returns compute(wg, wu, wd)."""
   num_experts: int      # padded
   num_real: int
   intermediate_size: int
@@ -65,18 +70,66 @@ class Experts(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_EGCM):
-    E, M, I = self.num_experts, x_EGCM.shape[-1], self.intermediate_size
-    act = ("act_exp", "act_group", None, "act_embed")
-    x_EGCM = nn.with_logical_constraint(x_EGCM, act)
+  def __call__(self, model_size: int, compute):
+    E, M, I = self.num_experts, model_size, self.intermediate_size
     w = lambda name, shape, names: self.param(name, nn.with_logical_partitioning(
         _expert_init(self.init_std, self.num_real), names), shape, jnp.float32).astype(self.dtype)
-    wg = w("gate_proj", (E, M, I), ("exp", "embed", "mlp"))
-    wu = w("up_proj", (E, M, I), ("exp", "embed", "mlp"))
-    wd = w("down_proj", (E, I, M), ("exp", "mlp", "embed"))
-    h_EGCH = (nn.silu(jnp.einsum("EGCM,EMH->EGCH", x_EGCM, wg))
-              * jnp.einsum("EGCM,EMH->EGCH", x_EGCM, wu))
-    return nn.with_logical_constraint(jnp.einsum("EGCH,EHM->EGCM", h_EGCH, wd), act)
+    return compute(w("gate_proj", (E, M, I), ("exp", "embed", "mlp")),
+                   w("up_proj", (E, M, I), ("exp", "embed", "mlp")),
+                   w("down_proj", (E, I, M), ("exp", "mlp", "embed")))
+
+
+def capacity_experts(x_EGCM, wg, wu, wd):
+  """The experts on their dispatched tokens [E, G, C, M], one batched einsum each. The
+  constraints move the sharding from the groups to the experts: under an expert mesh axis this
+  is where GSPMD inserts the all-to-all (and the reverse one on the way out)."""
+  act = ("act_exp", "act_group", None, "act_embed")
+  x_EGCM = nn.with_logical_constraint(x_EGCM, act)
+  h_EGCH = (nn.silu(jnp.einsum("EGCM,EMH->EGCH", x_EGCM, wg))
+            * jnp.einsum("EGCM,EMH->EGCH", x_EGCM, wu))
+  return nn.with_logical_constraint(jnp.einsum("EGCH,EHM->EGCM", h_EGCH, wd), act)
+
+
+def capacity_moe(x_GSM, idx, weights, keep, pos, C, experts):
+  """Capacity dispatch -> experts -> weighted combine, by index gathers (each slot holds at most
+  one token, so this equals the one-hot [G,S,E,C] einsums exactly)."""
+  G, S, M = x_GSM.shape
+  K, E = idx.shape[-1], experts.num_experts
+  slot, slot_token, slot_assignment = routing.capacity_slots(idx, keep, pos, E, C)
+  gather = jax.vmap(dropless.gather_rows)                                     # per group
+  x_GEcM = gather(x_GSM, slot_token, slot)                                    # [G, E*C, M]
+  x_EGCM = x_GEcM.reshape(G, E, C, M).transpose(1, 0, 2, 3)
+  y_EGCM = experts(M, lambda wg, wu, wd: capacity_experts(x_EGCM, wg, wu, wd))
+  y_GEcM = y_EGCM.transpose(1, 0, 2, 3).reshape(G, E * C, M)
+  y_GSKM = gather(y_GEcM, slot.reshape(G, S * K), slot_assignment[..., None]).reshape(G, S, K, M)
+  return jnp.einsum("GSKM,GSK->GSM", y_GSKM, (weights * keep).astype(y_GSKM.dtype))
+
+
+def dropless_moe(x, idx, weights, valid, wg, wu, wd):
+  """Dropless experts on x [B, S, M] with idx/weights/valid [B, S, K] -> float32 [B, S, M].
+
+  Under a multi-device mesh: shard_map over the batch axes; each device sorts and computes its
+  own tokens with every expert's weights all-gathered (like an FSDP weight; the expert axis acts
+  as data parallelism here). Exact and simple; an all-to-all expert-parallel dispatch would
+  move tokens instead of weights and is the next step for large E (not needed at E=7 in 2 layers).
+  """
+  kernel = dropless.default_kernel()
+
+  def local(x, idx, weights, valid, wg, wu, wd):
+    B, S, M = x.shape
+    flat = lambda a: a.reshape(B * S, *a.shape[2:])
+    y = dropless.moe_ffn(flat(x), flat(idx), flat(weights), flat(valid), wg, wu, wd, kernel)
+    return y.reshape(B, S, M)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  if mesh.empty or mesh.size == 1 or x.shape[0] % shards:
+    # One device, or rows that do not split over the batch axes (e.g. the 1-row init): plain
+    # jit; GSPMD keeps it exact (one global sort), just not device-local.
+    return local(x, idx, weights, valid, wg, wu, wd)
+  tok, rep = jax.P(sharding.BATCH_AXES), jax.P()
+  return jax.shard_map(local, mesh=mesh, in_specs=(tok,) * 4 + (rep,) * 3, out_specs=tok,
+                       check_vma=False)(x, idx, weights, valid, wg, wu, wd)
 
 
 class MoEBlock(nn.Module):
@@ -89,7 +142,11 @@ class MoEBlock(nn.Module):
     dtype = layers.dtype_of(m.dtype)
     E_real, E, K, I = e.num_experts, cfg.padded_num_experts(self.config), e.top_k, m.intermediate_size
     B, S_row, M = x.shape
-    G, S = group_shape(B, S_row, e.group_size)
+    if e.impl not in IMPLS:
+      raise ValueError(f"moe.impl={e.impl!r}; choose one of {IMPLS}")
+    dropless_ = e.impl == "dropless"
+    # Routing groups only matter for capacity; dropless routes each row as one group.
+    G, S = (B, S_row) if dropless_ else group_shape(B, S_row, e.group_size)
     mode = routing_mode(e.routing, train)
 
     x_GSM = nn.with_logical_constraint(x.reshape(G, S, M), ("act_batch", None, "act_embed"))
@@ -107,17 +164,17 @@ class MoEBlock(nn.Module):
         probs, K, mode, fam, e.norm_topk_prob, num_real=E_real)
     valid = valid & token_mask[..., None]
 
-    cf = e.capacity_factor if train else e.eval_capacity_factor
-    C = cfg.capacity(S, E_real, K, cf, e.min_capacity)
-    pos = routing.capacity_positions(idx, valid, routing.priority_levels(is_family), E)
-    keep = valid & (pos < C)
-    dispatch, combine = routing.dispatch_combine(idx, weights, keep, pos, E, C)
-
-    # Dispatch -> experts as one batched einsum over [E, G, C, M] -> weighted combine.
-    x_EGCM = jnp.einsum("GSEC,GSM->EGCM", dispatch.astype(dtype), x_GSM)
-    y_EGCM = Experts(E, E_real, I, m.init_std, dtype, name="experts")(x_EGCM)
-    y_GSM = jnp.einsum("GSEC,EGCM->GSM", combine.astype(dtype), y_EGCM)
-    y = y_GSM.reshape(B, S_row, M)
+    experts = Experts(E, E_real, I, m.init_std, dtype, name="experts")
+    if dropless_:
+      keep = valid
+      y = experts(M, lambda wg, wu, wd: dropless_moe(x_GSM, idx, weights, valid, wg, wu, wd))
+    else:
+      cf = e.capacity_factor if train else e.eval_capacity_factor
+      C = cfg.capacity(S, E_real, K, cf, e.min_capacity)
+      pos = routing.capacity_positions(idx, valid, routing.priority_levels(is_family), E)
+      keep = valid & (pos < C)
+      y = capacity_moe(x_GSM, idx, weights, keep, pos, C, experts)
+    y = y.astype(dtype).reshape(B, S_row, M)
 
     if e.shared_expert:   # always-on FFN scaled by sigmoid(x @ w_s) (SPEC §2.4)
       shared = layers.MLP(I, m.init_std, dtype, name="shared_expert")(x)

@@ -111,14 +111,22 @@ def capacity_positions(idx, valid, level, num_experts: int):
   return jnp.take_along_axis(before, level * num_experts + idx, axis=-1).astype(jnp.int32)
 
 
-def dispatch_combine(idx, weights, keep, pos, num_experts: int, capacity: int):
-  """dispatch (0/1) and combine (weight) tensors [G, S, E, C] for the kept assignments."""
-  e_hot = jax.nn.one_hot(idx, num_experts, dtype=jnp.float32) * keep[..., None]     # [G,S,K,E]
-  c_hot = jax.nn.one_hot(jnp.where(keep, pos, -1), capacity, dtype=jnp.float32)      # [G,S,K,C]
-  # Contract the K slots as a matmul (no [G,S,K,E,C] intermediate). Each (E, C) cell gets at most
-  # one assignment, so the sums are exact; HIGHEST keeps the fp32 weights exact on TPU/GPU too.
-  outer = lambda a: jnp.einsum("GSKE,GSKC->GSEC", a, c_hot, precision=jax.lax.Precision.HIGHEST)
-  return outer(e_hot), outer(e_hot * weights[..., None])
+def capacity_slots(idx, keep, pos, num_experts: int, capacity: int):
+  """Index form of the [G, S, E, C] dispatch/combine masks, for gather/scatter dispatch.
+
+  idx/keep/pos [G, S, K] -> (slot int32 [G, S, K]: flat slot e*C + c of each kept assignment,
+  E*C where dropped; slot_token int32 [G, E*C]: the token in each slot, S where empty;
+  slot_assignment int32 [G, E*C]: the flat assignment s*K + k in each slot, S*K where empty).
+  Each slot holds at most one assignment, so both inverses are well defined.
+  """
+  G, S, K = idx.shape
+  n = num_experts * capacity
+  slot = jnp.where(keep, idx * capacity + pos, n).astype(jnp.int32)
+  flat = slot.reshape(G, S * K)
+  fill = lambda empty, values: jax.vmap(lambda sl, v: jnp.full(n + 1, empty, jnp.int32).at[sl].set(v))(
+      flat, jnp.broadcast_to(values, (G, S * K)))[:, :n]
+  return (slot, fill(S, jnp.repeat(jnp.arange(S, dtype=jnp.int32), K)),
+          fill(S * K, jnp.arange(S * K, dtype=jnp.int32)))
 
 
 def expert_load(idx, valid, num_real: int):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from apollo_jax import config as cfg
 from apollo_jax import languages
-from apollo_jax.model import layers
+from apollo_jax.model import attention, layers
 from apollo_jax.model.moe import MoEBlock
 
 ACT = ("act_batch", "act_length", "act_embed")
@@ -57,7 +57,8 @@ class DecoderLayer(nn.Module):
     dtype = layers.dtype_of(m.dtype)
     h = layers.RMSNorm(m.rms_norm_eps, name="input_layernorm")(x)
     x = x + layers.Attention(m.num_heads, m.num_kv_heads, _head_dim(m), m.rope_theta, m.init_std,
-                             dtype, name="self_attn")(h, segment_ids, positions, self.cache_len)
+                             dtype, attention.resolve(m.attention, self.config.data.packing),
+                             name="self_attn")(h, segment_ids, positions, self.cache_len)
     h = layers.RMSNorm(m.rms_norm_eps, name="post_attention_layernorm")(x)
     if self.moe:
       y, stats = MoEBlock(self.config, name="mlp")(h, segment_ids, family, self.train)

@@ -1,0 +1,190 @@
+"""Dropless MoE: every top-k assignment computed, sorted by expert, grouped matmul, no capacity.
+
+Pure array functions (no Flax). Letters: N tokens, K slots, A = N*K assignments, E experts,
+R rows of the sorted buffer, M model size, I expert hidden size, b rows per block.
+
+  plan = sort_plan(idx, valid, E, b)     assignments sorted by expert; each expert's run padded
+                                         to a multiple of b rows, so every block of b rows
+                                         belongs to one expert
+  x_rows = gather_rows(x, plan.token_of_row, plan.row_of_assignment)      [R, M]
+  y_rows = grouped_swiglu(x_rows, plan, wg, wu, wd, kernel)               [R, M]
+  y      = sum_k w[:, k] * gather_rows(y_rows, row_of_assignment, ...)    [N, M]
+
+Kernels for the grouped matmul (per backend; `KERNELS`):
+  blocks     a loop over the used blocks, each one [b, M] x [M, I] matmul with its expert's
+             weights, and a custom VJP whose backward accumulates each expert's weight gradient
+             in place (no [E, ...] sized temporary per block). Measured fastest on CPU
+             (benchmarks/moe_block.py): ~the FLOPs of the k experts plus the block padding
+             (< E*b rows).
+  ragged     jax.lax.ragged_dot over the unpadded sorted rows. A real grouped GEMM on TPU
+             (Mosaic) and on recent GPUs; on CPU in jax 0.10.2 it expands to E masked dense
+             dots (~E/k x the FLOPs), so it is only the GPU/TPU default. Unmeasured here (no
+             accelerator in this project's CI): bench it with benchmarks/moe_block.py there.
+Both kernels are exact: the same rows, weights and sums as the loop-over-experts reference.
+
+The gathers have custom VJPs that transpose into gathers as well (each token has K rows, each
+row one token), so the backward needs no scatter-add (slow on CPU, serialised on GPU).
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+KERNELS = ("blocks", "ragged")
+BLOCK_ROWS = 128     # b for the `blocks` kernel: large enough for an efficient matmul, small
+                     # enough that the padding (< E*b rows) stays a few % of N*K at 4k tokens
+
+
+def default_kernel(backend: str | None = None) -> str:
+  """The grouped-matmul kernel per backend (see the module docstring)."""
+  backend = backend or jax.default_backend()
+  return "blocks" if backend == "cpu" else "ragged"
+
+
+class Plan(NamedTuple):
+  token_of_row: jax.Array        # int32 [R]: token of each sorted row (N for padding rows)
+  assignment_of_row: jax.Array   # int32 [R]: flat assignment of each row (A for padding rows)
+  row_of_assignment: jax.Array   # int32 [N, K]: row of each assignment (R for invalid ones)
+  block_expert: jax.Array        # int32 [R // b]: the expert of each block
+  num_blocks: jax.Array          # int32 []: blocks in use (the rest are padding)
+  group_sizes: jax.Array         # int32 [E]: valid assignments per expert
+  block: int
+
+
+def sort_plan(idx, valid, num_experts: int, block: int = BLOCK_ROWS) -> Plan:
+  """Sort the valid assignments idx/valid [N, K] by expert (stable: token order within an
+  expert); expert e's run starts at a multiple of `block`. Invalid assignments get no row."""
+  N, K = idx.shape
+  A, E = N * K, num_experts
+  R = -(-(A + E * (block - 1)) // block) * block            # static worst case of the padding
+  e_flat = jnp.where(valid, idx, E).reshape(A).astype(jnp.int32)      # invalid -> sentinel E
+  order = jnp.argsort(e_flat, stable=True).astype(jnp.int32)          # assignments by expert
+  e_sorted = e_flat[order]
+  counts = jnp.bincount(e_flat, length=E + 1)[:E].astype(jnp.int32)
+  padded = -(-counts // block) * block
+  start = jnp.cumsum(counts) - counts
+  pstart = jnp.cumsum(padded) - padded
+  e_c = jnp.minimum(e_sorted, E - 1)
+  row_sorted = jnp.where(e_sorted < E, pstart[e_c] + jnp.arange(A, dtype=jnp.int32) - start[e_c], R)
+  row_of_assignment = jnp.zeros(A, jnp.int32).at[order].set(row_sorted)
+  assignment_of_row = jnp.full(R + 1, A, jnp.int32).at[row_sorted].set(order)[:R]
+  token_of_row = jnp.where(assignment_of_row < A, assignment_of_row // K, N)
+  block_starts = jnp.arange(R // block, dtype=jnp.int32) * block
+  block_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), block_starts, side="right"), E - 1)
+  return Plan(token_of_row, assignment_of_row, row_of_assignment.reshape(N, K),
+              block_expert.astype(jnp.int32), (jnp.sum(padded) // block).astype(jnp.int32), counts,
+              block)
+
+
+# ------------------------------------------------------------------ gathers with gather VJPs
+@jax.custom_vjp
+def gather_rows(src, idx, inv_idx):
+  """out[i] = src[idx[i]] (0 where idx[i] == len(src)). inv_idx [len(src), c] lists, per source
+  row j, every i with idx[i] == j (len(out) for none); it makes the backward a gather too."""
+  return _take(src, idx)
+
+
+def _take(src, idx):
+  return jnp.take(src, idx, axis=0, mode="fill", fill_value=0)
+
+
+def _gather_fwd(src, idx, inv_idx):
+  return _take(src, idx), (idx, inv_idx)
+
+
+def _gather_bwd(res, g):
+  idx, inv_idx = res
+  d_src = jnp.sum(_take(g, inv_idx.reshape(-1)).reshape(*inv_idx.shape, *g.shape[1:]), axis=1)
+  return d_src, None, None
+
+
+gather_rows.defvjp(_gather_fwd, _gather_bwd)
+
+
+def dispatch(x_NM, plan: Plan):
+  """x [N, M] -> sorted rows [R, M] (padding rows 0)."""
+  return gather_rows(x_NM, plan.token_of_row, plan.row_of_assignment)
+
+
+def combine(y_rows, weights, plan: Plan):
+  """sum_k weights[n, k] * y_rows[row of (n, k)] -> [N, M], summed in float32."""
+  N, K = weights.shape
+  inv = plan.assignment_of_row[:, None]
+  y = gather_rows(y_rows, plan.row_of_assignment.reshape(N * K), inv).reshape(N, K, -1)
+  return jnp.einsum("NKM,NK->NM", y.astype(jnp.float32), weights.astype(jnp.float32))
+
+
+# ------------------------------------------------------------------ grouped SwiGLU kernels
+def grouped_swiglu(x_rows, plan: Plan, wg, wu, wd, kernel: str):
+  """down(silu(gate(x)) * up(x)) of each row with its expert's weights [E, M, I] / [E, I, M]."""
+  if kernel == "blocks":
+    return _blocks_swiglu(x_rows, plan.block_expert, plan.num_blocks, wg, wu, wd, plan.block)
+  if kernel == "ragged":
+    # Rows are padded per expert to the plan's block; ragged_dot wants each group contiguous,
+    # so give it the padded sizes (padding rows are zero and never read back).
+    sizes = -(-plan.group_sizes // plan.block) * plan.block
+    dot = lambda a, w: jax.lax.ragged_dot(a, w, sizes)
+    return dot(jax.nn.silu(dot(x_rows, wg)) * dot(x_rows, wu), wd)
+  raise ValueError(f"unknown dropless kernel {kernel!r}; choose one of {KERNELS}")
+
+
+def _block(a, i, b):
+  return jax.lax.dynamic_slice_in_dim(a, i * b, b, axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _blocks_swiglu(x, block_expert, num_blocks, wg, wu, wd, b):
+  return _blocks_fwd(x, block_expert, num_blocks, wg, wu, wd, b)[0]
+
+
+def _blocks_fwd(x, block_expert, num_blocks, wg, wu, wd, b):
+  R, I = x.shape[0], wg.shape[-1]
+
+  def body(i, carry):
+    y, g, u = carry
+    e, xb = block_expert[i], _block(x, i, b)
+    gb, ub = xb @ wg[e], xb @ wu[e]
+    yb = (jax.nn.silu(gb) * ub) @ wd[e]
+    put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, i * b, axis=0)
+    return put(y, yb), put(g, gb), put(u, ub)
+
+  zeros = lambda n: jnp.zeros((R, n), x.dtype)
+  y, g, u = jax.lax.fori_loop(0, num_blocks, body, (zeros(x.shape[1]), zeros(I), zeros(I)))
+  return y, (x, block_expert, num_blocks, wg, wu, wd, g, u)
+
+
+def _blocks_bwd(b, res, dy):
+  x, block_expert, num_blocks, wg, wu, wd, g, u = res
+  f32 = lambda w: jnp.zeros(w.shape, jnp.float32)
+
+  def body(i, carry):
+    dx, dwg, dwu, dwd = carry
+    e, xb, dyb, gb, ub = block_expert[i], _block(x, i, b), _block(dy, i, b), _block(g, i, b), _block(u, i, b)
+    sg = jax.nn.sigmoid(gb)
+    act = gb * sg
+    dh = dyb @ wd[e].T
+    dg = dh * ub * (sg * (1 + gb * (1 - sg)))          # d silu(g) / dg = s (1 + g (1 - s))
+    du = dh * act
+    dxb = dg @ wg[e].T + du @ wu[e].T
+    def acc(dw, v):   # dw[e] += v as slice + update-slice: in place in the loop (no scatter)
+      cur = jax.lax.dynamic_index_in_dim(dw, e, axis=0, keepdims=False)
+      return jax.lax.dynamic_update_index_in_dim(dw, cur + v.astype(jnp.float32), e, axis=0)
+    return (jax.lax.dynamic_update_slice_in_dim(dx, dxb, i * b, axis=0),
+            acc(dwg, xb.T @ dg), acc(dwu, xb.T @ du), acc(dwd, (act * ub).T @ dyb))
+
+  dx, dwg, dwu, dwd = jax.lax.fori_loop(0, num_blocks, body, (jnp.zeros_like(x), f32(wg), f32(wu), f32(wd)))
+  return (dx, None, None, dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype))
+
+
+_blocks_swiglu.defvjp(_blocks_fwd, _blocks_bwd)
+
+
+def moe_ffn(x_NM, idx, weights, valid, wg, wu, wd, kernel: str, block: int = BLOCK_ROWS):
+  """The routed experts' output [N, M] (float32): sum_k weights * expert_idx(x), every valid
+  assignment computed. idx/weights/valid [N, K]; invalid slots contribute nothing."""
+  wg, wu, wd = (jnp.asarray(w) for w in (wg, wu, wd))      # params may arrive as numpy arrays
+  plan = sort_plan(idx, valid, wg.shape[0], block if kernel == "blocks" else 1)
+  y_rows = grouped_swiglu(dispatch(x_NM, plan), plan, wg, wu, wd, kernel)
+  return combine(y_rows, jnp.where(valid, weights, 0.0), plan)
