@@ -14,14 +14,13 @@ dominant_<group>.png (layers x groups: share of the group's tokens on its most-u
 import copy
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from apollo_jax import analysis, inference, languages, plot, sharding
+from apollo_jax import analysis, cli, inference, languages, plot, sharding
 from apollo_jax import config as cfg
 from apollo_jax.data import chat, records, stream_json
 from apollo_jax.evaluation import bench
@@ -146,14 +145,11 @@ def main(argv):
     raise app.UsageError("--model=PATH and --out=DIR are required")
   if not F["verbosity"].present:   # Orbax logs every restore at INFO
     logging.set_verbosity(logging.WARNING)
-  try:                      # bad path / data: the message says what is wrong, no traceback
-    lm = inference.load(F.model, step=F.step)
-    if lm.tokenizer is None:
-      raise ValueError(f"{F.model} has no tokenizer to encode --data with")
-    max_len = F.max_len or lm.config.data.seq_len
-    inputs = read_inputs(F.data, lm.tokenizer, max_len, F.max_samples)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  lm = inference.load(F.model, step=F.step)
+  if lm.tokenizer is None:
+    raise ValueError(f"{F.model} has no tokenizer to encode --data with")
+  max_len = F.max_len or lm.config.data.seq_len
+  inputs = read_inputs(F.data, lm.tokenizer, max_len, F.max_samples)
   result = analyze(lm, inputs, F.batch_size, max_len)
   result.update(model=os.path.abspath(F.model), data=F.data)
   paths = write(result, F.out, F.group)
@@ -164,4 +160,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -97,4 +97,5 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  from apollo_jax import cli
+  cli.run(main)

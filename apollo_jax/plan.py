@@ -206,7 +206,7 @@ def main(argv):
 
 
 if __name__ == "__main__":   # flags defined only here, so importing this module never clashes
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/apollo_moe_7b.py[:args]",
                                   lock_config=True)
@@ -214,4 +214,5 @@ if __name__ == "__main__":   # flags defined only here, so importing this module
   flags.DEFINE_string("mesh", "", "mesh axis sizes over config.mesh, e.g. fsdp=4,expert=2")
   flags.DEFINE_float("budget_gb", 0.0, "memory budget per device in GB (0: config.device_memory_gb, "
                                        "else the device's own, else 80)")
-  app.run(main)
+  from apollo_jax import cli
+  cli.run(main)

@@ -72,8 +72,10 @@ class Experts(nn.Module):
   @nn.compact
   def __call__(self, model_size: int, compute):
     E, M, I = self.num_experts, model_size, self.intermediate_size
-    w = lambda name, shape, names: self.param(name, nn.with_logical_partitioning(
-        _expert_init(self.init_std, self.num_real), names), shape, jnp.float32).astype(self.dtype)
+    # Pinned to the weight's own (FSDP) sharding after the cast, so the all-gather moves the
+    # compute dtype (bf16), not the float32 master weight (as the embedding and head).
+    w = lambda name, shape, names: nn.with_logical_constraint(self.param(name, nn.with_logical_partitioning(
+        _expert_init(self.init_std, self.num_real), names), shape, jnp.float32).astype(self.dtype), names)
     return compute(w("gate_proj", (E, M, I), ("exp", "embed", "mlp")),
                    w("up_proj", (E, M, I), ("exp", "embed", "mlp")),
                    w("down_proj", (E, I, M), ("exp", "mlp", "embed")))
