@@ -83,14 +83,17 @@ class Decoder:
                                      positions=pos, cache_len=cache_len, mutable=["cache"])
     return variables["cache"]
 
-  @functools.partial(jax.jit, static_argnums=(0, 12), donate_argnums=(2,))
-  def step(self, params, cache, tok, pos, live, done, lang, rng, eos_id, temperature, top_p, cache_len):
-    """Feeds tok [B] at pos [B]; returns (cache, next token [B], done [B], logits [B, V])."""
+  @functools.partial(jax.jit, static_argnums=(0, 13), donate_argnums=(2,))
+  def step(self, params, cache, tok, pos, live, done, lang, rng, eos_id, temperature, top_p, no_eos,
+           cache_len):
+    """Feeds tok [B] at pos [B]; returns (cache, next token [B], done [B], logits [B, V]).
+    no_eos (a traced bool): EOS may not be sampled at this step (min_new_tokens)."""
     logits, variables = self.module.apply(
         {"params": params, "cache": cache}, tok[:, None], language_ids=lang, segment_ids=live[:, None],
         positions=pos[:, None], cache_len=cache_len, mutable=["cache"])
     logits = logits[:, 0]
-    nxt = sample(logits, rng, temperature, top_p)
+    is_eos = jnp.arange(logits.shape[-1]) == eos_id
+    nxt = sample(jnp.where(no_eos & is_eos, -jnp.inf, logits), rng, temperature, top_p)
     nxt = jnp.where(done, eos_id, nxt)
     return variables["cache"], nxt, done | (nxt == eos_id), logits
 
@@ -103,9 +106,10 @@ class Decoder:
 
 def generate(decoder, params, prompts, max_new_tokens: int, eos_id: int, pad_id: int,
              temperature=0.0, top_p=1.0, seed=0, batch_multiple=1, language_id=None,
-             return_logits=False, check_every=4):
-  """Token lists -> generated token lists (each ends at its first EOS, included). With
-  return_logits, also the fp32 logits [n_steps, B, V] each step sampled from."""
+             return_logits=False, check_every=4, min_new_tokens=0):
+  """Token lists -> generated token lists (each ends at its first EOS, included; EOS is never
+  drawn among the first min_new_tokens). With return_logits, also the fp32 logits [n_steps, B, V]
+  each step sampled from (before the EOS mask)."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
   B = len(prompts)
@@ -129,7 +133,7 @@ def generate(decoder, params, prompts, max_new_tokens: int, eos_id: int, pad_id:
   for t in range(max_new_tokens):
     cache, tok, done, logits = decoder.step(params, cache, tok, p, live_j, done, step_lang,
                                             jax.random.fold_in(key, t), eos_id, jnp.float32(temperature),
-                                            jnp.float32(top_p), L)
+                                            jnp.float32(top_p), jnp.bool_(t < min_new_tokens), L)
     out.append(tok)
     if return_logits:
       all_logits.append(logits)

@@ -186,9 +186,10 @@ class LM:
     return out
 
   def generate(self, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=0,
-               batch_size=16, language=None, progress=None):
+               batch_size=16, language=None, progress=None, min_new_tokens=0):
     """Strings -> generated strings (EOS removed); token-id lists -> generated token-id lists
-    (ending with EOS when the model stopped). Greedy by default; sampling is seeded."""
+    (ending with EOS when the model stopped; never before min_new_tokens tokens, as HF's
+    `min_new_tokens`). Greedy by default; sampling is seeded."""
     ids, strings = self._encode(prompts, "prompts")
     eos = self.eos_id
     pad = self.tokenizer.pad_id if self.tokenizer is not None else max(eos, 0)
@@ -205,7 +206,8 @@ class LM:
       rows = order[start:start + batch_size]
       with sharding.activate(self.mesh):
         gen = decoding.generate(self._decoder, self.params, [ids[i] for i in rows], max_new_tokens, eos,
-                                pad, temperature, top_p, seed + start, self.batch_multiple, lang)
+                                pad, temperature, top_p, seed + start, self.batch_multiple, lang,
+                                min_new_tokens=min_new_tokens)
       for r, i in enumerate(rows):
         out[i] = gen[r]
       if progress is not None:

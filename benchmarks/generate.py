@@ -61,12 +61,12 @@ def main(argv=None):
       tok, p_ = jnp.asarray(ids[:, -1]), jnp.asarray(pos[:, -1])
       done = jnp.zeros(B, bool)
       cache, tok, done, _ = dec.step(lm.params, cache, tok, p_, live, done, None, jax.random.key(0), -1,
-                                     0.0, 1.0, L)
+                                     0.0, 1.0, False, L)
       jax.block_until_ready(tok)
       t = time.perf_counter()
       for i in range(1, a.new_tokens):
         cache, tok, done, _ = dec.step(lm.params, cache, tok, p_ + i, live, done, None, jax.random.key(i), -1,
-                                       0.0, 1.0, L)
+                                       0.0, 1.0, False, L)
       jax.block_until_ready(tok)
       step_s.append((time.perf_counter() - t) / max(a.new_tokens - 1, 1))
   pre, step = float(np.median(prefill_s[1:])), float(np.median(step_s[1:]))

@@ -283,8 +283,8 @@ class FakeLM:
     conts = [self.decode(c) for c in continuation_ids]
     return np.array([0.0 if f"({self.planted})" in c else -50.0 - len(c) for c in conts])
 
-  def generate(self, prompt_ids, max_new_tokens=256, temperature=0.0, batch_size=16):
-    self.calls.append(("generate", len(prompt_ids), max_new_tokens, temperature))
+  def generate(self, prompt_ids, max_new_tokens=256, temperature=0.0, batch_size=16, min_new_tokens=0):
+    self.calls.append(("generate", len(prompt_ids), max_new_tokens, temperature, min_new_tokens))
     text = self.response or f"The correct answer is ({self.planted})."
     return [self.tokenizer.encode(text) + [self.tokenizer.eos_id] for _ in prompt_ids]
 
@@ -326,7 +326,7 @@ def test_generate_greedy_and_extracted(sample, templates):
   lm = FakeLM(response="\n(b) because ...")
   out = scoring.generate(lm, ps, max_new_tokens=17, batch_size=4, progress=False)
   assert [c[1] for c in lm.calls] == [4, 4, 2]              # full batches: few compiled shapes
-  assert all(c[0] == "generate" and c[2:] == (17, 0.0) for c in lm.calls)
+  assert all(c[0] == "generate" and c[2:] == (17, 0.0, 2) for c in lm.calls)   # min_new_tokens 2 (SPEC §7.4)
   assert all(o == {"response": "\n(b) because ...", "extracted": "B"} for o in out)
 
 

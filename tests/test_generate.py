@@ -109,6 +109,24 @@ def test_each_row_stops_at_eos(moe):
   assert got == want and len(got[0]) <= 3 and max(len(g) for g in got) > 3
 
 
+def test_min_new_tokens_holds_eos_back(moe):
+  """EOS (here: the greedy first token of row 0) is not drawn before min_new_tokens; the rest
+  of the rows, and what follows, are unchanged greedy decoding."""
+  lm, _, _ = moe
+  eos = lm.eos_id
+  try:
+    lm.eos_id = -1
+    free = lm.generate(PROMPTS, max_new_tokens=6)
+    lm.eos_id = stop = free[0][0]                  # row 0 would stop at once
+    now = lm.generate(PROMPTS, max_new_tokens=6)
+    held = lm.generate(PROMPTS, max_new_tokens=6, min_new_tokens=2)
+  finally:
+    lm.eos_id = eos
+  assert now[0] == [stop]
+  assert len(held[0]) >= 2 and stop not in held[0][:2]
+  assert all(r == f[:len(r)] for r, f in zip(held[1:], free[1:]) if stop not in f[:2])
+
+
 def test_cli_batch_equals_hf(moe, tmp_path):
   lm, model, out = moe
   questions = ["What is a fever?", "Bonjour, j'ai de la fièvre.", "发烧怎么办"]
