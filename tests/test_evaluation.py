@@ -4,6 +4,7 @@ logic with fake language models, report files."""
 import json
 import math
 import os
+import re
 
 import ml_collections
 import numpy as np
@@ -18,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "data/sample/apollo_moe_bench_sample.json")
 TOKENIZER = os.path.join(REPO, "data/sample/tokenizer.model")
 
-# (response, expected letter) — SPEC §7.5, hand-written.
+# (response, expected letter) — the rules of apollo_jax/evaluation/extract.py, hand-written.
 EXTRACT_TABLE = [
     ("The correct answer is (B).", "B"),
     ("(b)", "B"),                                        # lower case counts
@@ -32,14 +33,31 @@ EXTRACT_TABLE = [
     ("(C) first line\n(D) (D) (D)", "C"),                # only the first line counts
     ("\n\n(D) after blank lines\n(A)", "D"),             # first NON-EMPTY line
     ("\n\n", None),
-    ("الإجابة الصحيحة هي (ب", "B"),                      # Arabic letter, parenthesis on one side
-    ("د) هي الإجابة", "D"),                              # ... on the other side
+    # Arabic rule 1: an option letter adds at most one, however often it occurs.
+    ("(أ) (أ) (B)", "B"),                                # A=1 (not 2) ties B=1; Latin inserted first
+    ("(ب) (ب) (ب) (A) (A)", "A"),                        # B=1 < A=2
+    ("(س) (ك)", "C"),                                    # both spell C: one count
+    ("(س) (ك) (D)", "D"),                                # ... so C=1 ties D=1, D (Latin) first
+    # Arabic rule 2: added after the Latin counts, in the order A, B, C, D.
+    ("(أ) or (B)", "B"),                                 # tie: Latin matches come before Arabic
+    ("(د) (ب)", "B"),                                    # tie: B inserted before D, whatever the text order
+    ("د) ك) ب) أ)", "A"),                                # four-way tie -> A
+    # Arabic rule 3: an opening parenthesis before, or a closing one after.
+    ("الإجابة الصحيحة هي (ب", "B"),                      # opening before
+    ("د) هي الإجابة", "D"),                              # closing after
+    ("（ك", "C"),                                        # full-width opening
+    ("س）", "C"),                                        # full-width closing
     ("(ك)", "C"),                                        # kaf -> C
     ("(س)", "C"),                                        # seen -> C
+    (")د", None),                                        # closing before: nothing (no Latin either)
+    ("د(", None),                                        # opening after: nothing
+    (")د( D", "D"),                                      # wrong sides; the loose pass finds D
     ("(أ) أ أ", "A"),                                    # bare Arabic letters do not count
     ("ب", None),                                         # no parenthesis at all: nothing
-    ("(أ) or (B)", "B"),                                 # tie: Latin matches come before Arabic
-    ("(أ) (أ) (B)", "A"),                                # ... but counts still decide
+    # The three responses where the old extractor disagreed with the original scorer.
+    ("دA（\t(G)دE)c", "A"),                              # no Arabic match; loose pass: A before E
+    ("أ)B.ك)Yes.ك)No.(د", "A"),                          # A=1, C=1 (once), D=1 -> A
+    ("أ) ب) ب)", "A"),
     ("I choose D", "D"),                                 # loose fallback: any upper-case A-F
     ("Answer: C", "A"),                                  # loose: 'A' of "Answer" ties C, comes first
     ("answer: c", None),                                 # loose is upper-case only
@@ -57,6 +75,41 @@ EXTRACT_TABLE = [
 @pytest.mark.parametrize("response,expected", EXTRACT_TABLE)
 def test_extract_answer(response, expected):
   assert extract_answer(response) == expected
+
+
+def _original_scorer(response):
+  """A second, independent transcription of the original scorer's control flow: a recursive
+  strict-then-loose pass over the first non-empty line, Arabic options checked once each."""
+  def choose(pattern, text):
+    if "\n" in text:
+      for part in text.split("\n"):
+        if len(part):
+          text = part
+          break
+    counts = {}
+    for m in re.findall(pattern, text):
+      counts[m.upper()] = counts.get(m.upper(), 0) + 1
+    for option, arabic in (("A", "أ"), ("B", "ب"), ("C", "[سك]"), ("D", "د")):
+      if re.findall(f"[（(]{arabic}[）)]?|[（(]?{arabic}[）)]", text):
+        counts[option] = counts.get(option, 0) + 1
+    if not counts:
+      if pattern == r"[A-F]":
+        return {"Yes.": "A", "No.": "B"}.get(text)
+      return choose(r"[A-F]", text)
+    top = max(counts.values())
+    return [k for k, v in counts.items() if v == top][0]
+  return choose(r"[（\(]([A-Fa-f])[）\)]", response)
+
+
+def test_extract_answer_matches_the_original_on_random_tricky_responses():
+  # Latin and Arabic letters, both kinds of parentheses, Yes./No., newlines: the mix where the
+  # rules differ. 6,000 responses of 1-12 pieces.
+  pieces = list("ABCDEFGabcdefg") + list("أبسكد") + list("()（）") + [
+      "Yes.", "No.", "\n", " ", "\t", ".", "answer"]
+  rng = np.random.default_rng(0)
+  responses = ["".join(rng.choice(pieces, size=rng.integers(1, 13))) for _ in range(6000)]
+  differ = [r for r in responses if extract_answer(r) != _original_scorer(r)]
+  assert not differ, f"{len(differ)} differ, e.g. {differ[:5]!r}"
 
 
 # ---------------------------------------------------------------- bench

@@ -1,20 +1,27 @@
-"""Answer extraction from a generated response, exactly as the original scorer (SPEC §7.5).
+"""Answer extraction from a generated response, rule for rule the original scorer's.
 
   1. a response with newlines is cut to its first non-empty line;
-  2. every letter A-F (either case) between ASCII or full-width parentheses counts once;
-  3. the Arabic letters أ/ب/س,ك/د count as A/B/C/D where a parenthesis touches them on at least
-     one side;
+  2. every letter A-F (either case) between ASCII or full-width parentheses counts once per
+     occurrence, in order of appearance;
+  3. then, in the fixed order A, B, C, D, each Arabic option letter (أ→A, ب→B, س or ك→C, د→D)
+     adds at most ONE count to its option, however often it occurs, and only where an OPENING
+     parenthesis `(`/`（` stands right before it or a CLOSING one `)`/`）` right after it (the
+     other side optional): `)د` or `د(` alone does not count;
   4. nothing counted: retry with any upper-case A-F on the same line; still nothing: the exact
      line "Yes." is A, "No." is B, anything else has no answer (scored wrong);
-  5. the most frequent letter wins; ties go to the letter counted first (parenthesised Latin
-     letters in order of appearance, then the Arabic ones).
+  5. the most frequent letter wins; ties go to the option counted first (insertion order: the
+     parenthesised Latin letters as they appear, then the Arabic options in the order A, B, C, D).
+
+So `'أ) ب) ب)'` is A (1:1, A inserted first) and `'دA（\t(G)دE)c'` is A (no parenthesis on the
+right side of either د; the loose pass sees A before E).
 """
 
 import re
 
 _PAREN_LETTER = re.compile(r"[(（]([A-Fa-f])[)）]")
-_ARABIC_LETTERS = {"أ": "A", "ب": "B", "س": "C", "ك": "C", "د": "D"}
-_ARABIC = re.compile(r"[()（）]([أبسكد])|([أبسكد])[()（）]")
+# One pattern per option, in the order their counts are inserted.
+_ARABIC = {option: re.compile(f"[(（][{letters}]|[{letters}][)）]")
+           for option, letters in (("A", "أ"), ("B", "ب"), ("C", "سك"), ("D", "د"))}
 _LOOSE = re.compile(r"[A-F]")
 _YES_NO = {"Yes.": "A", "No.": "B"}
 
@@ -28,11 +35,8 @@ def _first_line(response: str) -> str:
   return response
 
 
-def _most_frequent(letters):
-  """Most frequent letter; ties -> the one counted first (dicts keep insertion order)."""
-  counts = {}
-  for x in letters:
-    counts[x] = counts.get(x, 0) + 1
+def _most_frequent(counts: dict) -> str | None:
+  """Most counted option; ties -> the one inserted first (dicts keep insertion order)."""
   if not counts:
     return None
   best = max(counts.values())
@@ -40,12 +44,17 @@ def _most_frequent(letters):
 
 
 def extract_answer(response: str) -> str | None:
-  """The answer letter 'A'-'F' of a model response, or None (SPEC §7.5)."""
+  """The answer letter 'A'-'F' of a model response, or None (rules in the module docstring)."""
   line = _first_line(response)
-  letters = [m.upper() for m in _PAREN_LETTER.findall(line)]
-  letters += [_ARABIC_LETTERS[a or b] for a, b in _ARABIC.findall(line)]
-  if not letters:
-    letters = _LOOSE.findall(line)
-  if not letters:
+  counts = {}
+  for letter in _PAREN_LETTER.findall(line):
+    counts[letter.upper()] = counts.get(letter.upper(), 0) + 1
+  for option, pattern in _ARABIC.items():
+    if pattern.search(line):
+      counts[option] = counts.get(option, 0) + 1
+  if not counts:
+    for letter in _LOOSE.findall(line):
+      counts[letter] = counts.get(letter, 0) + 1
+  if not counts:
     return _YES_NO.get(line)
-  return _most_frequent(letters)
+  return _most_frequent(counts)
