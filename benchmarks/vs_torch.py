@@ -1,20 +1,28 @@
-"""apollo_jax vs HF transformers (PyTorch) on the same model shape and tokens, side by side.
+"""apollo_jax vs HF transformers (PyTorch) on the same model shape and tokens.
 
 Both train the same architecture: Qwen2-MoE with the MoE in the last 2 layers (HF
 `Qwen2MoeForCausalLM` with `mlp_only_layers`, no shared expert, built locally with random
 weights), tied embeddings, float32, one AdamW step (with grad-norm clipping, as apollo_jax) per
-measurement, plain top-k routing, exact on both sides (HF loops over experts; apollo_jax runs
-moe.impl="dropless"). The two are alternated round by round in one process so machine noise hits
-both alike. Also times one MoE layer against one dense FFN (forward + backward) at the same
-tokens. Reported: best wall time per step, and best CPU time (less sensitive to other processes
-on a shared machine; the ratio of the two systems is what matters).
+measurement, plain top-k routing, exact on both sides (HF with its default experts
+implementation, printed; apollo_jax with moe.impl="dropless"). `--dense` trains the same shape
+with no MoE layer on both sides. Also times one MoE layer against one dense FFN (forward +
+backward) at the same tokens.
 
-  python benchmarks/vs_torch.py                 # the issue-8 shape: H512 I1536 8 layers, 4x512 tokens
+Each system runs in its OWN process (torch's OpenMP pool and XLA's thread pool never share one),
+and the processes are alternated round by round so slow machine phases hit both alike. Each
+process warms up, then times `--steps` steps; the figure is the best step over all rounds, in
+wall time and in CPU time. The load average is printed before and after, with a warning above 1:
+figures from a loaded machine are not a measurement.
+
+  python benchmarks/vs_torch.py                 # H512 I1536 8 layers, 4x512 tokens
+  python benchmarks/vs_torch.py --dense         # the same shape, moe.layers=none on both sides
   python benchmarks/vs_torch.py --quick         # tiny shapes (CI: still runnable)
 """
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -39,7 +47,8 @@ def jax_config(a):
   m = c.model
   m.hidden_size, m.intermediate_size, m.num_layers = a.hidden, a.inter, a.layers
   m.num_heads, m.num_kv_heads, m.vocab_size, m.dtype = a.heads, a.kv_heads, a.vocab, "float32"
-  c.moe.num_experts, c.moe.top_k, c.moe.layers, c.moe.impl = a.experts, a.top_k, "last:2", "dropless"
+  c.moe.num_experts, c.moe.top_k, c.moe.impl = a.experts, a.top_k, "dropless"
+  c.moe.layers = "none" if a.dense else "last:2"
   c.data.seq_len, c.global_batch, c.steps = a.seq, a.batch, 1000
   c.optim.weight_decay = 0.1
   c.mesh.update(data=1, fsdp=-1, expert=1, tensor=1)
@@ -54,7 +63,7 @@ def torch_model(a):
       vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter, num_hidden_layers=a.layers,
       num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, num_experts=a.experts,
       num_experts_per_tok=a.top_k, moe_intermediate_size=a.inter, shared_expert_intermediate_size=0,
-      mlp_only_layers=list(range(a.layers - 2)), norm_topk_prob=False, tie_word_embeddings=True,
+      mlp_only_layers=list(range(a.layers if a.dense else a.layers - 2)), norm_topk_prob=False, tie_word_embeddings=True,
       max_position_embeddings=a.seq, rope_theta=1e6, output_router_logits=False,
       router_aux_loss_coef=0.0)
   model = Qwen2MoeForCausalLM._from_config(hf, attn_implementation="sdpa", dtype=torch.float32)
@@ -82,26 +91,77 @@ def timed(fn):
   return time.perf_counter() - w, time.process_time() - c
 
 
-def moe_vs_ffn(a, tokens):
-  """(dense FFN, dropless MoE block) fwd+bwd best wall/cpu times at `tokens` x hidden."""
-  B = tokens // a.seq
+def moe_vs_ffn(a):
+  """{name: step function} for one dense FFN and one dropless MoE block, fwd+bwd."""
+  B = a.batch
   x = jax.random.normal(jax.random.PRNGKey(0), (B, a.seq, a.hidden), jnp.float32)
   seg = jnp.ones((B, a.seq), jnp.int32)
   ffn = layers.MLP(a.inter, 0.02, jnp.float32)
   v_ffn = ffn.init(jax.random.PRNGKey(2), x)
-  c = jax_config(a)
+  c = jax_config(_with(a, dense=False))
   block = MoEBlock(c)
   v_moe = block.init(jax.random.PRNGKey(3), x, seg, None, True)
-  steps = {"dense_ffn": (moe_block.grad_step(ffn, v_ffn, x), v_ffn),
-           "moe_dropless": (moe_block.grad_step(block, v_moe, x, seg, None, True), v_moe)}
-  best = {k: [np.inf, np.inf] for k in steps}
-  for k, (f, v) in steps.items():
-    jax.block_until_ready(f(v, x))
-  for _ in range(max(3, a.rounds)):
-    for k, (f, v) in steps.items():
-      w, cpu = timed(lambda: jax.block_until_ready(f(v, x)))
-      best[k] = [min(best[k][0], w), min(best[k][1], cpu)]
-  return best
+  f_ffn = moe_block.grad_step(ffn, v_ffn, x)
+  f_moe = moe_block.grad_step(block, v_moe, x, seg, None, True)
+  return {"dense_ffn": lambda: jax.block_until_ready(f_ffn(v_ffn, x)),
+          "moe_dropless": lambda: jax.block_until_ready(f_moe(v_moe, x))}
+
+
+def _with(a, **kw):
+  return argparse.Namespace(**{**vars(a), **kw})
+
+
+def worker(a):
+  """Runs in its own process: builds one system, warms up, times a.steps steps, prints JSON."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, a.vocab, (a.batch, a.seq), dtype=np.int32)
+  info = {}
+  if a.worker == "torch":
+    import torch
+    model, opt, experts_impl = torch_model(a)
+    t_ids = torch.from_numpy(ids.astype(np.int64))
+    runs = {"torch": torch_step(model, opt, t_ids, t_ids.clone())}
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "experts": experts_impl}
+  elif a.worker == "jax":
+    config = jax_config(a)
+    jax_run, state = ts_bench.build(config, input_ids=ids)
+    holder = {"state": state}
+
+    def jax_step():
+      holder["state"] = jax_run(holder["state"])
+    runs = {"apollo_jax": jax_step}
+    info = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
+            "attention": attention.resolve(config.model.attention, config.data.packing),
+            "kernel": dropless.default_kernel()}
+  else:
+    runs = moe_vs_ffn(a)
+  best = {}
+  for k, fn in runs.items():
+    fn()                                   # compile / warm up
+    times = [timed(fn) for _ in range(a.steps)]
+    best[k] = [min(t[0] for t in times), min(t[1] for t in times)]
+  print("RESULT " + json.dumps({"best": best, "info": info}))
+
+
+def run_worker(a, name):
+  args = [sys.executable, os.path.abspath(__file__), f"--worker={name}"] + [
+      f"--{k}={getattr(a, k)}" for k in ("hidden", "inter", "layers", "heads", "kv_heads", "vocab",
+                                         "experts", "top_k", "batch", "seq", "steps")]
+  args += ["--dense"] if a.dense else []
+  out = subprocess.run(args, capture_output=True, text=True, check=False)
+  if out.returncode:
+    sys.exit(f"{name} worker failed:\n{out.stderr[-3000:]}")
+  line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+  return json.loads(line[len("RESULT "):])
+
+
+def load_average(when):
+  load = os.getloadavg()
+  print(f"load average {when}: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+  if load[0] > 1:
+    print(f"WARNING: load average {load[0]:.2f} > 1: other processes share the CPUs; these "
+          "figures are not a measurement of either system")
+  return load
 
 
 def main():
@@ -116,53 +176,52 @@ def main():
   p.add_argument("--top_k", type=int, default=2)
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=512)
-  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--dense", action="store_true", help="no MoE layer on either side")
+  p.add_argument("--rounds", type=int, default=4, help="alternated rounds of one process each")
+  p.add_argument("--steps", type=int, default=3, help="timed steps per process")
   p.add_argument("--quick", action="store_true", help="tiny shapes, one round (CI)")
+  p.add_argument("--worker", choices=("torch", "jax", "layer"), help=argparse.SUPPRESS)
   a = p.parse_args()
   if a.quick:
     for k, v in QUICK.items():
       setattr(a, k, v)
-  import torch
+  if a.worker:
+    return worker(a)
 
-  rng = np.random.default_rng(0)
-  ids = rng.integers(0, a.vocab, (a.batch, a.seq), dtype=np.int32)
+  loads = [load_average("before")]
+  names = ("torch", "jax") + (() if a.dense else ("layer",))
+  best, info = {}, {}
+  for r in range(a.rounds):
+    for name in (names if r % 2 == 0 else names[::-1]):   # alternate who goes first
+      res = run_worker(a, name)
+      info.update(res["info"])
+      for k, (w, c) in res["best"].items():
+        old = best.get(k, [np.inf, np.inf])
+        best[k] = [min(old[0], w), min(old[1], c)]
+  loads.append(load_average("after"))
+
   tokens = a.batch * a.seq
-
-  config = jax_config(a)
-  jax_run, state = ts_bench.build(config, input_ids=ids)
-  model, opt, experts_impl = torch_model(a)
-  t_ids = torch.from_numpy(ids.astype(np.int64))
-  runs = {"torch": torch_step(model, opt, t_ids, t_ids.clone())}
-  holder = {"state": state}
-
-  def jax_step():
-    holder["state"] = jax_run(holder["state"])
-  runs["apollo_jax"] = jax_step
-  for fn in runs.values():                 # compile / warm up
-    fn()
-  best = {k: [np.inf, np.inf] for k in runs}
-  for _ in range(a.rounds):                # interleaved rounds
-    for k, fn in runs.items():
-      w, cpu = timed(fn)
-      best[k] = [min(best[k][0], w), min(best[k][1], cpu)]
-  layer = moe_vs_ffn(a, tokens)
-
-  kernel = attention.resolve(config.model.attention, config.data.packing)
-  print(f"\n{jax.devices()[0].device_kind} ({os.cpu_count()} cpus), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), jax {jax.__version__}")
-  print(f"shape: H{a.hidden} I{a.inter} {a.layers} layers (MoE: last 2, {a.experts} experts top-{a.top_k}), "
-        f"{a.heads} heads / {a.kv_heads} kv, vocab {a.vocab}, tied, {a.batch}x{a.seq} tokens, float32, "
-        f"AdamW train step, best of {a.rounds} alternated rounds")
-  print(f"torch experts: {experts_impl}, attention sdpa; apollo_jax: moe.impl=dropless "
-        f"({dropless.default_kernel()} kernel), attention={kernel}\n")
+  print(f"\n{info['device']} ({os.cpu_count()} cpus), torch {info['torch']} ({info['threads']} "
+        f"threads), jax {info['jax']}")
+  moe = "no MoE layer" if a.dense else f"MoE: last 2, {a.experts} experts top-{a.top_k}"
+  print(f"shape: H{a.hidden} I{a.inter} {a.layers} layers ({moe}), {a.heads} heads / "
+        f"{a.kv_heads} kv, vocab {a.vocab}, tied, {a.batch}x{a.seq} tokens, float32, AdamW train "
+        f"step; each system in its own process, best of {a.rounds} alternated rounds x "
+        f"{a.steps} steps")
+  print(f"torch experts: {info['experts']}, attention sdpa; apollo_jax: moe.impl=dropless "
+        f"({info['kernel']} kernel), attention={info['attention']}\n")
   print(f"| {'':34s} | {'tokens/s (wall)':>15s} | {'tokens/s (cpu)':>15s} |")
   print(f"|{'-' * 36}|{'-' * 17}|{'-' * 17}|")
-  for k, name in (("torch", "HF transformers Qwen2MoeForCausalLM"), ("apollo_jax", "apollo_jax")):
+  model = "Qwen2MoeForCausalLM"
+  for k, name in (("torch", f"HF transformers {model}"), ("apollo_jax", "apollo_jax")):
     print(f"| {name:34s} | {tokens / best[k][0]:15,.0f} | {tokens / best[k][1]:15,.0f} |")
   ratio = lambda i: best["torch"][i] / best["apollo_jax"][i]
   print(f"| {'apollo_jax / torch':34s} | {ratio(0):14.2f}x | {ratio(1):14.2f}x |")
-  lr = lambda i: layer["moe_dropless"][i] / layer["dense_ffn"][i]
-  print(f"| {'MoE layer / dense FFN (fwd+bwd)':34s} | {lr(0):14.2f}x | {lr(1):14.2f}x |")
+  if not a.dense:
+    lr = lambda i: best["moe_dropless"][i] / best["dense_ffn"][i]
+    print(f"| {'MoE layer / dense FFN (fwd+bwd)':34s} | {lr(0):14.2f}x | {lr(1):14.2f}x |")
+  if max(x[0] for x in loads) > 1:
+    print("\nWARNING: the machine was not quiet (load average above 1); do not report these figures")
 
 
 if __name__ == "__main__":
