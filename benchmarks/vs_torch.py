@@ -22,6 +22,7 @@ figures from a loaded machine are not a measurement.
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -158,10 +159,27 @@ def run_worker(a, name):
 def load_average(when):
   load = os.getloadavg()
   print(f"load average {when}: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-  if load[0] > 1:
-    print(f"WARNING: load average {load[0]:.2f} > 1: other processes share the CPUs; these "
-          "figures are not a measurement of either system")
   return load
+
+
+def busy_cpu_seconds():
+  """CPU seconds the whole machine has spent busy since boot (Linux /proc/stat), or None."""
+  try:
+    with open("/proc/stat") as f:
+      user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+  except (OSError, ValueError):
+    return None
+  return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_model():
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    return "?"
+  name = next((x.split(":", 1)[1].strip() for x in info.splitlines() if x.startswith("model name")), "?")
+  return name + (", AVX-512" if "avx512f" in info else "") + (", AMX" if "amx_tile" in info else "")
 
 
 def main():
@@ -188,7 +206,8 @@ def main():
   if a.worker:
     return worker(a)
 
-  loads = [load_average("before")]
+  load = load_average("before")
+  busy0, wall0 = busy_cpu_seconds(), time.perf_counter()
   names = ("torch", "jax") + (() if a.dense else ("layer",))
   best, info = {}, {}
   for r in range(a.rounds):
@@ -198,10 +217,18 @@ def main():
       for k, (w, c) in res["best"].items():
         old = best.get(k, [np.inf, np.inf])
         best[k] = [min(old[0], w), min(old[1], c)]
-  loads.append(load_average("after"))
+  load_average("after (counts this benchmark's own threads)")
+  # The load average counts the benchmark itself; what disturbs it is the CPU that OTHER
+  # processes used meanwhile: the machine's busy time minus this process tree's.
+  others = None
+  if busy0 is not None:
+    ours = sum(sum(resource.getrusage(w)[:2]) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    others = (busy_cpu_seconds() - busy0 - ours) / (time.perf_counter() - wall0)
+    print(f"other processes used {max(others, 0):.2f} CPUs on average during the run")
+  noisy = load[0] > 1 or (others is not None and others > 0.1)
 
   tokens = a.batch * a.seq
-  print(f"\n{info['device']} ({os.cpu_count()} cpus), torch {info['torch']} ({info['threads']} "
+  print(f"\n{info['device']}: {cpu_model()} ({os.cpu_count()} cpus), torch {info['torch']} ({info['threads']} "
         f"threads), jax {info['jax']}")
   moe = "no MoE layer" if a.dense else f"MoE: last 2, {a.experts} experts top-{a.top_k}"
   print(f"shape: H{a.hidden} I{a.inter} {a.layers} layers ({moe}), {a.heads} heads / "
@@ -220,8 +247,9 @@ def main():
   if not a.dense:
     lr = lambda i: best["moe_dropless"][i] / best["dense_ffn"][i]
     print(f"| {'MoE layer / dense FFN (fwd+bwd)':34s} | {lr(0):14.2f}x | {lr(1):14.2f}x |")
-  if max(x[0] for x in loads) > 1:
-    print("\nWARNING: the machine was not quiet (load average above 1); do not report these figures")
+  if noisy:
+    print("\nWARNING: the machine was not quiet (load average above 1 before the run, or other "
+          "processes used more than 0.1 CPU during it): do not report these figures")
 
 
 if __name__ == "__main__":
