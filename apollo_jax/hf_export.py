@@ -180,7 +180,8 @@ def model_card(lm, dtype, force_topk=False) -> str:
   arch = "Qwen2MoeForCausalLM" if moe else "Qwen2ForCausalLM"
   lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
            "tags: [medical, multilingual, mixture-of-experts, apollo-moe, apollo_jax]",
-           f"language: [{', '.join(languages.CODES)}]", "---", "",
+           # Quoted: YAML 1.1 reads a bare `no` (Norwegian) as False, `on`/`yes` as True.
+           f"language: {json.dumps(list(languages.CODES))}", "---", "",
            "# Apollo-MoE (exported by apollo_jax)", "",
            "A Qwen2 decoder " + (f"with Post-MoE layers (mixture of language-family experts in layers "
                                  f"{list(moe)})" if moe else "(dense)") +

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 import lm_fixtures as lf  # noqa: E402
 from apollo_jax import convert_from_hf, convert_to_hf, hf, hf_export, inference, params as params_lib  # noqa: E402
-from apollo_jax import tokenizer_export  # noqa: E402
+from apollo_jax import languages, tokenizer_export  # noqa: E402
 from apollo_jax.data import chat, records  # noqa: E402
 from apollo_jax.data.tokenizer import load_tokenizer  # noqa: E402
 
@@ -64,6 +64,10 @@ def test_trained_hybrid_export(trained):
   for text in ("Qwen2MoeForCausalLM", "MoE layers [2, 3]", "Hybrid-k", f"{counts['total_params']:,} total",
                f"{counts['active_params']:,} active", "Swahili (sw)", "4 steps x 16 rows"):
     assert text in card, text
+  # The front matter as a YAML 1.1 reader sees it (the Hub's, gguf's): every language a string.
+  yaml = pytest.importorskip("yaml")
+  front = yaml.safe_load(card.split("---\n")[1])
+  assert front["language"] == list(languages.CODES) and "no" in front["language"]
 
 
 @pytest.mark.parametrize("variant", ["dense", "last3", "all"])
