@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import lm_fixtures as lf  # noqa: E402
+from tolerance import assert_close, network_terms  # noqa: E402
 from apollo_jax import decoding, sharding  # noqa: E402
 
 _rng = np.random.RandomState(3)
@@ -60,7 +61,9 @@ def test_decode_logits_equal_full_forward(moe):
   S = max(len(r) for r in rows)
   ids, seg, pos = decoding.left_pad(rows, S, 0)
   full = lm.logits(ids, segment_ids=seg, positions=pos)[:, S - n:]          # [B, n, V]
-  np.testing.assert_allclose(step_logits.transpose(1, 0, 2), full, atol=1e-4, rtol=0)
+  # the KV cache attends over other shapes than the full forward: the f32 reductions of the 4
+  # layers (d_model 64, d_ff 128) run in another order
+  assert_close(step_logits.transpose(1, 0, 2), full, dtype=np.float32, terms=network_terms(4, 64, 128))
   assert np.abs(full).max() > 1.0
   np.testing.assert_array_equal(np.argmax(full, -1), np.asarray(toks))
 

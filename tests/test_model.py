@@ -13,6 +13,7 @@ import pytest
 from apollo_jax import languages
 from apollo_jax.model import moe
 from apollo_jax.model.transformer import build_model, layer_plan, moe_aux_loss, moe_metrics
+from tolerance import assert_close, network_terms, tolerance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, S = 2, 16
@@ -35,6 +36,11 @@ def make_config(arg="moe_layers=last:1", **model_fields):
 
 
 _CACHE = {}
+
+
+def net_terms(c):
+  """f32 roundings feeding one logit of the model of config `c`."""
+  return network_terms(c.model.num_layers, c.model.hidden_size, c.model.intermediate_size)
 
 
 def init(c, seed=0):
@@ -101,11 +107,12 @@ def test_packed_segments_are_isolated(train):
   base = run(ids)
   changed = run(ids.at[0, 6:11].set((ids[0, 6:11] + 7) % 128))
   assert np.abs(np.asarray(changed[0, 6:11] - base[0, 6:11])).max() > 1e-3
-  np.testing.assert_allclose(changed[0, :6], base[0, :6], atol=1e-6)
-  np.testing.assert_allclose(changed[0, 11:], base[0, 11:], atol=1e-6)
-  # a packed segment computes exactly what it computes alone at the start of a row
+  # other data in the masked positions: at most f32 reorderings (a leak moves logits by >1e-2)
+  assert_close(changed[0, :6], base[0, :6], dtype=np.float32, terms=net_terms(c))
+  assert_close(changed[0, 11:], base[0, 11:], dtype=np.float32, terms=net_terms(c))
+  # a packed segment computes what it computes alone at the start of a row (other shapes: reordered)
   alone = run(ids[:, 11:], jnp.ones((1, 5), jnp.int32), jnp.arange(5)[None], lang[:, 11:])
-  np.testing.assert_allclose(base[0, 11:], alone[0], atol=1e-5)
+  assert_close(base[0, 11:], alone[0], dtype=np.float32, terms=net_terms(c))
 
 
 def test_positions_enter_through_rope():
@@ -115,10 +122,12 @@ def test_positions_enter_through_rope():
   apply = lambda pos: run(module, params, ids, positions=pos)[0]
   base = apply(jnp.broadcast_to(jnp.arange(S), (B, S)))
   shifted = apply(jnp.broadcast_to(jnp.arange(S) + 5, (B, S)))      # RoPE is relative
-  np.testing.assert_allclose(shifted, base, atol=1e-4)
+  # f32 rotation angles pos * freq round to eps * pos (pos < S + 5): like (S + 5)**2 more terms
+  assert_close(shifted, base, dtype=np.float32, terms=net_terms(c) + (S + 5) ** 2)
   spread = apply(jnp.broadcast_to(jnp.arange(S) * 3, (B, S)))
   assert np.abs(np.asarray(spread - base))[:, 1:].max() > 1e-2
-  np.testing.assert_allclose(spread[:, 0], base[:, 0], atol=1e-5)   # first token sees only itself
+  # first token sees only itself (position 0 in both); other batch contents may reorder
+  assert_close(spread[:, 0], base[:, 0], dtype=np.float32, terms=net_terms(c))
 
 
 def test_bf16_compute_close_to_fp32():
@@ -129,7 +138,9 @@ def test_bf16_compute_close_to_fp32():
   got, _ = run(build_model(make_config(dtype="bfloat16")), params, ids)
   assert got.dtype == jnp.float32
   err = np.abs(np.asarray(got - ref)).max()
-  assert 0 < err < 0.03 * np.abs(np.asarray(ref)).max(), err
+  # about 10 roundings to bf16 per layer (norm, q/k/v, attention, o, gate/up, product, down)
+  bound = tolerance(jnp.bfloat16, np.abs(np.asarray(ref)).max(), terms=10 * c.model.num_layers)["atol"]
+  assert 0 < err < bound, (err, bound)
 
 
 def test_analysis_sows_chosen_experts():
@@ -148,11 +159,11 @@ def test_analysis_sows_chosen_experts():
   metrics = moe_metrics(state["moe"])
   assert set(metrics) == {f"moe/layer_{i}/{k}" for i in (1, 2)
                           for k in ("load", "drop_fraction", "entropy", "aux_loss", "z_loss")}
-  np.testing.assert_allclose(np.sum(metrics["moe/layer_1/load"]), 1.0, rtol=1e-6)
+  assert_close(np.sum(metrics["moe/layer_1/load"]), 1.0, dtype=np.float32, terms=7)   # 7 f32 fractions
   c.moe.aux_loss_weight, c.moe.z_loss_weight = 0.5, 0.01
   want = sum(0.5 * state["moe"][n]["aux_loss"][0] + 0.01 * state["moe"][n]["z_loss"][0]
              for n in ("layers_1", "layers_2"))
-  np.testing.assert_allclose(moe_aux_loss(state["moe"], c), want, rtol=1e-6)
+  assert_close(moe_aux_loss(state["moe"], c), want, dtype=np.float32, terms=4)    # a sum of 4 f32 terms
 
 
 def test_missing_language_ids_fail_clearly():
@@ -188,8 +199,9 @@ def test_scan_and_unrolled_layers_agree():
   assert scanned["layers_0"]["self_attn"]["q_proj"]["kernel"].shape == (1, 32, 32)
   assert scanned["layers_2"]["self_attn"]["q_proj"]["kernel"].shape == (2, 32, 32)
   ids = tokens(6)
-  np.testing.assert_allclose(run(scan_module, scanned, ids)[0], run(flat_module, flat, ids)[0],
-                             atol=1e-6)
+  # scan vs a Python loop over the layers: XLA may fuse (and so reorder) the layers differently
+  assert_close(run(scan_module, scanned, ids)[0], run(flat_module, flat, ids)[0], dtype=np.float32,
+               terms=net_terms(c2))
 
 
 def _loss_and_grads(c, params, ids):
@@ -208,9 +220,10 @@ def test_remat_gives_identical_logits_and_grads():
   assert max(float(jnp.abs(x).max()) for x in jax.tree_util.tree_leaves(g_ref)) > 0
   for policy in ("full", "dots"):
     g, l = _loss_and_grads(make_config(remat=policy, num_layers=2), params, ids)
-    np.testing.assert_allclose(l, l_ref, atol=1e-5)   # same math; XLA may fuse differently
+    assert_close(l, l_ref, dtype=np.float32, terms=net_terms(c))   # same math; XLA may fuse differently
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
-      np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+      # backward: the contractions again, a log-softmax over V and sums over the B*S tokens
+      assert_close(a, b, dtype=np.float32, terms=2 * net_terms(c) + c.model.vocab_size + B * S)
 
 
 def test_expert_padding_matches_unpadded():
@@ -231,7 +244,9 @@ def test_expert_padding_matches_unpadded():
   for train in (False, True):
     go = lambda conf, p: run(build_model(conf), p, ids, train, language_ids=LANG)
     (a, sa), (b, sb) = go(c, params), go(cp, padded)
-    np.testing.assert_allclose(b, a, atol=1e-6)
-    for key in ("load", "drop_fraction", "aux_loss"):
-      np.testing.assert_allclose(sb["moe"]["layers_2"][key][0], sa["moe"]["layers_2"][key][0], atol=1e-6)
+    # 8 expert slots instead of 7: other dispatch shapes, so other f32 orders
+    assert_close(b, a, dtype=np.float32, terms=net_terms(c))
+    for key in ("load", "drop_fraction", "aux_loss"):   # means over the B*S tokens, sums over the experts
+      assert_close(sb["moe"]["layers_2"][key][0], sa["moe"]["layers_2"][key][0], dtype=np.float32,
+                   terms=B * S + 8, err_msg=key)
   assert float(sa["moe"]["layers_2"]["drop_fraction"][0]) > 0

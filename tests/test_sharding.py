@@ -15,6 +15,7 @@ import pytest
 from apollo_jax import config as cfg
 from apollo_jax import sharding
 from apollo_jax.model.transformer import build_model
+from tolerance import assert_close, network_terms
 
 MESHES = [  # (data, fsdp, expert, tensor)
     (2, 2, 2, 1),
@@ -106,15 +107,18 @@ def test_same_logits_and_grads_on_8_devices(reference, shape):
   mesh = sharding.make_mesh(config)
   assert dict(mesh.shape) == dict(zip(cfg.MESH_AXES, shape))
   logits8, loss8, grads8, moe8 = run(config, mesh, params, b)
-  np.testing.assert_allclose(logits8, logits1, atol=2e-5, rtol=2e-5)
-  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  # the mesh reorders every f32 reduction of the 4 layers (d_model 64, d_ff 128); the loss adds
+  # a log-softmax over V=256 and a mean over the 256 tokens
+  net, tokens = network_terms(4, 64, 128), b["input_ids"].size
+  assert_close(logits8, logits1, dtype=np.float32, terms=net)
+  assert_close(loss8, loss1, dtype=np.float32, terms=net + 256 + tokens)
   flat1 = jax.tree_util.tree_flatten_with_path(grads1)[0]
   flat8 = jax.tree.leaves(grads8)
-  for (path, g1), g8 in zip(flat1, flat8):
-    scale = max(1e-6, float(np.abs(g1).max()))
-    np.testing.assert_allclose(g8 / scale, g1 / scale, atol=1e-4, err_msg=jax.tree_util.keystr(path))
+  for (path, g1), g8 in zip(flat1, flat8):   # backward: the same contractions again, sums over tokens
+    assert_close(g8, g1, dtype=np.float32, terms=2 * net + 256 + 2 * tokens, err_msg=jax.tree_util.keystr(path))
   for a, b8 in zip(jax.tree.leaves(moe1), jax.tree.leaves(moe8)):   # same routing decisions
-    np.testing.assert_allclose(a, b8, atol=1e-5)
+    # router inputs come out of the network; the statistics are means over the tokens
+    assert_close(b8, a, dtype=np.float32, terms=net + tokens)
 
 
 def test_capacity_dropped_and_dropless_did_not(reference):

@@ -10,9 +10,14 @@ import numpy as np
 import pytest
 
 import train_fixtures as tf
+from tolerance import assert_close, network_terms
 
 pytestmark = pytest.mark.slow
 STEPS = 30
+# f32 roundings per update of the tf.flags model: forward and backward through 4 layers (d_model
+# 64, d_ff 128), a log-softmax over V=640, sums over the 16 x 64 tokens; each update's rounding
+# difference is carried into the weights of the next, so a run of n steps counts n times as many
+STEP_TERMS = 2 * network_terms(4, 64, 128) + 640 + 16 * 64
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +36,8 @@ def test_metrics_jsonl(reference):
                 "moe/layer_2/drop_fraction", "moe/layer_3/load", "moe/layer_3/drop_fraction"):
       assert key in r, key
     assert math.isfinite(r["loss"]) and r["grad_norm"] > 0
-    assert len(r["moe/layer_2/load"]) == 7 and abs(sum(r["moe/layer_2/load"]) - 1) < 1e-5
+    assert len(r["moe/layer_2/load"]) == 7
+    assert_close(sum(r["moe/layer_2/load"]), 1.0, dtype=np.float32, terms=7)   # 7 f32 fractions
     assert 0 <= r["moe/layer_3/drop_fraction"] <= 1
     assert any(k.startswith("loss/") for k in r)          # per-family loss
   assert recs[0]["tokens_per_s"] is None and recs[1]["tokens_per_s"] > 0 and recs[1]["mfu"] > 0
@@ -79,11 +85,12 @@ def test_losses_do_not_depend_on_the_mesh(reference, data, jit_cache, tmp_path, 
   assert "Involuntary full rematerialization" not in result.stderr
   ref, got = tf.read_metrics(reference), tf.read_metrics(workdir)
   assert len(got) == len(ref) == STEPS
-  for r, g in zip(ref, got):
-    np.testing.assert_allclose(g["loss"], r["loss"], rtol=1e-4, err_msg=f"step {r['step']}")
-    np.testing.assert_allclose(g["grad_norm"], r["grad_norm"], rtol=1e-3, err_msg=f"step {r['step']}")
+  for r, g in zip(ref, got):      # the mesh reorders every step's reductions
+    tol = dict(dtype=np.float32, terms=r["step"] * STEP_TERMS, err_msg=f"step {r['step']}")
+    assert_close(g["loss"], r["loss"], **tol)
+    assert_close(g["grad_norm"], r["grad_norm"], **tol)
     if "eval_loss" in r:
-      np.testing.assert_allclose(g["eval_loss"], r["eval_loss"], rtol=1e-4)
+      assert_close(g["eval_loss"], r["eval_loss"], **tol)
 
 
 def test_resume_onto_another_mesh(reference, data, jit_cache, tmp_path):
@@ -95,8 +102,8 @@ def test_resume_onto_another_mesh(reference, data, jit_cache, tmp_path):
   result = tf.check_ok(tf.run(str(workdir), flags, 8, jit_cache))
   assert f"step {STEPS}/{STEPS} (started at 25)" in result.stdout
   a, b = tf.restore_params(reference, STEPS), tf.restore_params(str(workdir), STEPS)
-  for k in a:
-    np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-5, err_msg=k)
+  for k in a:                      # 5 updates on another mesh: other f32 orders each step
+    assert_close(b[k], a[k], dtype=np.float32, terms=(STEPS - 25) * STEP_TERMS, err_msg=k)
 
 
 def test_two_processes_match_one(reference, data, jit_cache, tmp_path):
@@ -113,8 +120,8 @@ def test_two_processes_match_one(reference, data, jit_cache, tmp_path):
   assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
   ref, got = tf.read_metrics(reference), tf.read_metrics(workdir)
   assert [r["step"] for r in got] == [r["step"] for r in ref]
-  for r, g in zip(ref, got):
-    np.testing.assert_allclose(g["loss"], r["loss"], rtol=1e-4, err_msg=f"step {r['step']}")
+  for r, g in zip(ref, got):      # 8 devices over 2 processes: every step's reductions reordered
+    assert_close(g["loss"], r["loss"], dtype=np.float32, terms=r["step"] * STEP_TERMS, err_msg=f"step {r['step']}")
   assert tf.committed_steps(workdir) == [STEPS]
 
 

@@ -11,6 +11,7 @@ from apollo_jax import optimizer
 from apollo_jax.model import transformer
 from apollo_jax.train_step import abstract_params, unbox
 from configs import tiny
+from tolerance import assert_close
 
 
 def _config(steps=100, **optim):
@@ -39,10 +40,13 @@ def test_schedule_matches_hf_cosine_with_warmup():
     ref.step()
   ours = np.asarray([optimizer.make_schedule(c.optim, c.steps)(s) for s in range(total + 5)])
   # (past `total` HF's cosine rises again; ours stays 0 — never reached, training stops at `steps`)
-  np.testing.assert_allclose(ours[:total + 1], hf[:total + 1], rtol=1e-5, atol=1e-12)
+  # f32 schedule vs HF's float64 one: a few roundings of the progress and cos (1 + cos cancels
+  # near the end, so the error is relative to the peak lr, not to the value)
+  assert_close(ours[:total + 1], hf[:total + 1], dtype=np.float32, terms=4, scale=c.optim.lr)
   # the points that matter: 0 at start, peak at warmup end, ~0.17 peak at the last update, 0 at total
   assert ours[0] == 0 and ours[warmup] == pytest.approx(1e-4)
-  assert ours[c.steps - 1] / 1e-4 == pytest.approx(0.5 * (1 + math.cos(math.pi * 95 / 131)), rel=1e-5)
+  assert_close(ours[c.steps - 1] / 1e-4, 0.5 * (1 + math.cos(math.pi * 95 / 131)), dtype=np.float32, terms=4,
+               scale=1.0)           # f32 1 + cos: terms of size 1
   assert 0.15 < ours[c.steps - 1] / 1e-4 < 0.19
   assert ours[total] == 0 and ours[total + 3] == 0
 
@@ -50,7 +54,7 @@ def test_schedule_matches_hf_cosine_with_warmup():
 def test_schedule_horizon_one_without_warmup():
   c = _config(steps=10, warmup_ratio=0.0, horizon=1.0)
   f = optimizer.make_schedule(c.optim, c.steps)
-  np.testing.assert_allclose([f(0), f(5), f(10)], [1e-4, 0.5e-4, 0.0], atol=1e-10)
+  assert_close([f(0), f(5), f(10)], [1e-4, 0.5e-4, 0.0], dtype=np.float32, terms=4, scale=1e-4)   # f32 cosine
 
 
 def test_weight_decay_skips_biases_only():
@@ -71,7 +75,7 @@ def test_weight_decay_skips_biases_only():
   for k in biases:
     np.testing.assert_array_equal(flat[k], 1.0, err_msg=k)
   for k in decayed:
-    np.testing.assert_allclose(flat[k], 1 - 0.5 * 0.1, rtol=1e-6, err_msg=k)
+    assert_close(flat[k], 1 - 0.5 * 0.1, dtype=np.float32, terms=2, err_msg=k)   # f32 p - lr * wd * p
 
 
 def test_gradients_are_clipped_to_global_norm():
@@ -82,4 +86,5 @@ def test_gradients_are_clipped_to_global_norm():
   g = {"w": jnp.array([30.0, 40.0, 0.0, 0.0])}     # norm 50 -> clipped to norm 1
   _, state = tx.update(g, state, params)
   mu = state[1][0].mu["w"]                            # Adam's first moment sees the clipped grad
-  np.testing.assert_allclose(mu, 0.1 * np.array([0.6, 0.8, 0, 0]), rtol=1e-6)
+  # f32: the global norm (a sum of 4 squares), the scaling, Adam's (1 - b1) factor
+  assert_close(mu, 0.1 * np.array([0.6, 0.8, 0, 0]), dtype=np.float32, terms=4 + 2)
