@@ -20,7 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from apollo_jax import analysis, cli, inference, languages, plot, sharding
+from apollo_jax import inference, languages
+from apollo_jax.analysis import routing_stats
+from apollo_jax.runtime import cli
+from apollo_jax.analysis import plots
+from apollo_jax.runtime import sharding
 from apollo_jax import config as cfg
 from apollo_jax.data import chat, records, stream_json
 from apollo_jax.evaluation import bench
@@ -79,14 +83,14 @@ def routing_fn(lm):
   return fn
 
 
-def count(lm, inputs, batch_size: int = 8, max_len: int = 256) -> analysis.RoutingCounts:
+def count(lm, inputs, batch_size: int = 8, max_len: int = 256) -> routing_stats.RoutingCounts:
   """Per-language RoutingCounts of `inputs` ([(ids, language)]) under `lm` (an inference.LM)."""
   c = lm.config
   layers = cfg.moe_layer_indices(c.moe.layers, c.model.num_layers)
   if not layers:
     raise ValueError("the model has no MoE layers (moe.layers='none'): there is no routing to analyse")
   fn = routing_fn(lm)
-  counts = analysis.RoutingCounts(layers, len(languages.CODES), c.moe.num_experts)
+  counts = routing_stats.RoutingCounts(layers, len(languages.CODES), c.moe.num_experts)
   rows = -(-batch_size // lm.batch_multiple) * lm.batch_multiple      # divisible over the mesh
   order = sorted(range(len(inputs)), key=lambda i: len(inputs[i][0]))   # similar lengths together
   for start in range(0, len(order), rows):
@@ -104,15 +108,15 @@ def count(lm, inputs, batch_size: int = 8, max_len: int = 256) -> analysis.Routi
 def analyze(lm, inputs, batch_size: int = 8, max_len: int = 256) -> dict:
   """The routing.json object: per-language and per-family summaries of the model's routing."""
   by_lang = count(lm, inputs, batch_size, max_len)
-  by_family = analysis.regroup(by_lang, languages.expert_map("family7"), len(languages.FAMILIES))
+  by_family = routing_stats.regroup(by_lang, languages.expert_map("family7"), len(languages.FAMILIES))
   e = lm.config.moe
   return {
       "moe_layers": by_lang.layers, "num_experts": e.num_experts, "top_k": e.top_k,
       "routing": e.routing, "expert_map": e.expert_map, "impl": e.get("impl", "capacity"),
       "sequences": len(inputs), "tokens": int(by_lang.tokens[0].sum()),
-      "definitions": analysis.DEFINITIONS,
-      "language": analysis.summarize(by_lang, "language"),
-      "family": analysis.summarize(by_family, "family"),
+      "definitions": routing_stats.DEFINITIONS,
+      "language": routing_stats.summarize(by_lang, "language"),
+      "family": routing_stats.summarize(by_family, "family"),
   }
 
 
@@ -122,7 +126,7 @@ def write(result: dict, out_dir: str, group: str = "language") -> list:
   path = os.path.join(out_dir, "routing.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=1)
-  return [path] + plot.routing_heatmaps(result, out_dir, group)
+  return [path] + plots.routing_heatmaps(result, out_dir, group)
 
 
 def define_flags():
@@ -130,7 +134,7 @@ def define_flags():
   flags.DEFINE_string("data", "data/sample/apollo_moe_sample.json",
                       "conversation (ApolloMoEDataset) or benchmark (ApolloMoEBench) files: path, glob or list")
   flags.DEFINE_string("out", None, "output directory for routing.json and the PNGs")
-  flags.DEFINE_enum("group", "language", list(analysis.GROUPINGS), "grouping of the heatmaps")
+  flags.DEFINE_enum("group", "language", list(routing_stats.GROUPINGS), "grouping of the heatmaps")
   flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
   flags.DEFINE_integer("batch_size", 8, "sequences per forward pass")
   flags.DEFINE_integer("max_len", 0, "truncate sequences to this many tokens (0: the model's data.seq_len)")

@@ -125,7 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
   w.project = "apollo_jax"
   w.name = ""
 
-  # Run setup (issue 9B; apollo_jax/run_setup.py).
+  # Run setup (apollo_jax/training/setup.py).
   c.epochs = 0.0                     # > 0: steps = epochs over the training rows (overrides steps)
   c.init_hint = ""                   # big configs: the HF model to start from (named in errors)
   c.allow_random_init = True         # big configs: False, so a missing init_from is an error

@@ -14,8 +14,11 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apollo_jax import cli, config as cfg
-from apollo_jax import hf
+from apollo_jax import config as cfg
+from apollo_jax.runtime import cli
+from apollo_jax.hf import config as hf_config
+from apollo_jax.hf import load as hf_load
+from apollo_jax.hf import upcycle as upcycle_lib
 
 FLAGS = flags.FLAGS
 
@@ -36,9 +39,9 @@ def convert(hf_dir, out, config=None, upcycle=False):
     raise FileNotFoundError(f"--hf_dir={hf_dir} has no config.json: expected an HF checkpoint dir "
                             "(config.json + model.safetensors, e.g. from `hf download "
                             "Qwen/Qwen2-0.5B --local-dir DIR`)")
-  src = hf.config_from_hf(hf.read_hf_config(hf_dir))
+  src = hf_config.config_from_hf(hf_config.read_hf_config(hf_dir))
   if config is not None:
-    hf.check_same_model(src, config, f"HF checkpoint {hf_dir}", "--config")
+    hf_config.check_same_model(src, config, f"HF checkpoint {hf_dir}", "--config")
   if upcycle:
     if config is None:
       raise ValueError("--upcycle needs --config=configs/<name>.py (it gives the MoE layout)")
@@ -47,16 +50,16 @@ def convert(hf_dir, out, config=None, upcycle=False):
                        f"(layers {src.moe.layers}); convert it without --upcycle")
     if cfg.moe_layer_indices(config.moe.layers, config.model.num_layers) == ():
       raise ValueError("--upcycle with config.moe.layers='none': nothing to upcycle")
-    dense_cfg = hf.config_from_hf(hf.read_hf_config(hf_dir), base=config)
+    dense_cfg = hf_config.config_from_hf(hf_config.read_hf_config(hf_dir), base=config)
     cfg.validate(config)
-    params = hf.params_from_hf(hf.load_hf_state(hf_dir), dense_cfg)
-    params = hf.upcycle(params, dense_cfg, config, jax.random.key(config.seed))
+    params = hf_load.params_from_hf(hf_load.load_hf_state(hf_dir), dense_cfg)
+    params = upcycle_lib.upcycle(params, dense_cfg, config, jax.random.key(config.seed))
     target = config
   else:
-    target = hf.config_from_hf(hf.read_hf_config(hf_dir), base=config)
+    target = hf_config.config_from_hf(hf_config.read_hf_config(hf_dir), base=config)
     cfg.validate(target)
-    params = hf.params_from_hf(hf.load_hf_state(hf_dir), target)
-  hf.save_params(params, target, out)
+    params = hf_load.params_from_hf(hf_load.load_hf_state(hf_dir), target)
+  hf_load.save_params(params, target, out)
   logging.info("wrote %s (moe.layers=%s, experts=%d)", out, target.moe.layers, target.moe.num_experts)
   return target, params
 

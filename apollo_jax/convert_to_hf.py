@@ -6,7 +6,7 @@
 --model is anything `apollo_jax.inference.load` reads: a training workdir (latest complete
 checkpoint, or --step), a convert_from_hf output dir, or an HF dir. Writes safetensors (sharded
 with an index above --max_shard_size), config.json, generation_config.json, tokenizer files with
-the chat template, and a README.md model card. See apollo_jax/hf_export.py for the format.
+the chat template, and a README.md model card. See apollo_jax/hf/export.py for the format.
 """
 
 from absl import app, flags
@@ -26,7 +26,8 @@ def define_flags():
 def convert(model, out, dtype="bfloat16", max_shard_size="5GB", step=None, tokenizer=None, force_topk=False):
   """Returns the list of files written to `out`."""
   import os
-  from apollo_jax import hf_export, inference
+  from apollo_jax import inference
+  from apollo_jax.hf import export as hf_export
   hf_export.parse_size(max_shard_size)        # fail on bad flags before loading anything
   if os.path.exists(out) and os.listdir(out):
     raise FileExistsError(f"--out={out} exists and is not empty; choose a new directory")
@@ -49,5 +50,5 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  from apollo_jax import cli
+  from apollo_jax.runtime import cli
   cli.run(main)

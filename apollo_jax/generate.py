@@ -97,5 +97,5 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  from apollo_jax import cli
+  from apollo_jax.runtime import cli
   cli.run(main)

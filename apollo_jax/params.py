@@ -7,30 +7,12 @@ uses (top_k routed experts, plus the shared expert when there is one), as the pa
 """
 
 import json
-import math
-
-import jax
 from absl import flags
 from ml_collections import config_flags
 
-from apollo_jax import cli, config as cfg
-from apollo_jax.model.transformer import abstract_params
-
-
-def count_params(config) -> dict:
-  e_real, k = config.moe.num_experts, config.moe.top_k
-  total = active = 0
-  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(config))[0]:
-    names = [getattr(p, "key", str(p)) for p in path]
-    size = math.prod(leaf.shape)
-    if "experts" in names:                      # [E_pad, ...]: count real experts only
-      per_expert = size // leaf.shape[0]
-      total += e_real * per_expert
-      active += k * per_expert
-    else:
-      total += size
-      active += size
-  return {"total_params": total, "active_params": active}
+from apollo_jax import config as cfg
+from apollo_jax.runtime import cli
+from apollo_jax.model.size import count_params
 
 
 def main(argv):

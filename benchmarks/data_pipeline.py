@@ -66,7 +66,7 @@ def cpu_seconds():
 
 def needed_tokens_per_s(a):
   import importlib
-  from apollo_jax import metrics
+  from apollo_jax.training import metrics
   config = importlib.import_module(f"configs.{a.config}").get_config()
   config.data.seq_len = a.seq_len
   per_token = metrics.flops_per_token(config)

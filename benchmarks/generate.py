@@ -20,7 +20,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from apollo_jax import config as cfg, decoding, inference, sharding  # noqa: E402
+from apollo_jax import config as cfg, inference  # noqa: E402
+from apollo_jax.inference import decoding
+from apollo_jax.runtime import sharding
 
 
 def load(a):

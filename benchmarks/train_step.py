@@ -22,8 +22,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from apollo_jax import config as cfg, metrics, optimizer, sharding  # noqa: E402
-from apollo_jax import train_step as ts  # noqa: E402
+from apollo_jax import config as cfg  # noqa: E402
+from apollo_jax.training import metrics
+from apollo_jax.training import optimizer
+from apollo_jax.runtime import sharding
+from apollo_jax.training import step as ts  # noqa: E402
 from apollo_jax.model import transformer  # noqa: E402
 
 

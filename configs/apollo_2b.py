@@ -21,7 +21,7 @@ def get_config(arg=None):
   # micro-batch, 4 micro-batches per step of 32 rows; plan: 24.1 GB/device.
   c.grad_accum = 4
   cfg.apply_moe_args(c, args)
-  cfg.needs_real_setup(c, "Qwen/Qwen2-1.5B")   # init_from, tokenizer, train_files: see run_setup.py
+  cfg.needs_real_setup(c, "Qwen/Qwen2-1.5B")   # init_from, tokenizer, train_files: see apollo_jax/training/setup.py
   c.data.eval_fraction = 0.0        # never drop training data silently; evaluate on data.eval_files
   c.optim.lr = 1e-4
   return c

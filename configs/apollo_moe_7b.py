@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.mesh.tensor = 2
   c.grad_accum = 8
   cfg.apply_moe_args(c, args)
-  cfg.needs_real_setup(c, "Qwen/Qwen2-7B")   # init_from, tokenizer, train_files: see run_setup.py
+  cfg.needs_real_setup(c, "Qwen/Qwen2-7B")   # init_from, tokenizer, train_files: see apollo_jax/training/setup.py
   c.data.eval_fraction = 0.0        # never drop training data silently; evaluate on data.eval_files
   c.optim.lr = 1e-5
   return c

@@ -36,7 +36,9 @@ def workdir(root):
   model (Post-MoE, Hybrid-2, 7 experts padded to 8) at steps 2 and 4 (different weights)."""
   if "workdir" not in _CACHE:
     import jax.numpy as jnp
-    from apollo_jax import checkpoint, optimizer, workdir as workdir_io
+    from apollo_jax.training import checkpoint
+    from apollo_jax.training import optimizer
+    from apollo_jax.runtime import workdir as workdir_io
     path = os.path.join(root, "workdir")
     config = tiny_config(**VARIANTS["hybrid8"])
     config.steps, config.global_batch = 4, 16
@@ -63,7 +65,8 @@ def tiny_config(moe_layers="last:2", expert_multiple=8, tie=True):
 
 
 def randomized_params(config, seed=0):
-  from apollo_jax import config as cfg, hf
+  from apollo_jax import config as cfg
+  from apollo_jax.hf import load as hf_load
   from apollo_jax.model.transformer import abstract_params
   rng = np.random.RandomState(seed)
   flat = jax.tree_util.tree_flatten_with_path(abstract_params(config))
@@ -76,11 +79,11 @@ def randomized_params(config, seed=0):
   # padded experts must be zero (never routed to); repad_experts checks that, so zero them here
   n = config.moe.num_experts
   if cfg.padded_num_experts(config) > n:
-    top, layers = hf.split_layers(params, config)
+    top, layers = hf_load.split_layers(params, config)
     for layer in layers:
       for w in layer["mlp"].get("experts", {}).values():
         w[n:] = 0
-    params = hf.join_layers(top, layers, config)
+    params = hf_load.join_layers(top, layers, config)
   return params
 
 
@@ -101,7 +104,7 @@ def randomized(variant, devices=None):
 def export(lm, out_dir, dtype="float32"):
   key = ("export", id(lm), dtype)
   if key not in _CACHE:
-    from apollo_jax import hf_export
+    from apollo_jax.hf import export as hf_export
     hf_export.export(lm, out_dir, dtype)
     _CACHE[key] = out_dir
   return _CACHE[key]

@@ -8,7 +8,9 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from apollo_jax import analysis, analyze, inference, languages, plot
+from apollo_jax import analyze, inference, languages
+from apollo_jax.analysis import routing_stats
+from apollo_jax.analysis import plots
 from apollo_jax.data import tokenizer as tok_lib
 from tolerance import assert_close
 
@@ -21,7 +23,7 @@ def test_counting_known_assignments():
   lang = np.array([[EN, EN, ZH, ZH]])
   chosen = {1: np.array([[[0, 1], [0, 2], [2, 1], [2, -1]]]),    # -1: an empty slot, not counted
             3: np.array([[[1, 0], [1, 0], [1, 0], [1, 0]]])}
-  c = analysis.RoutingCounts([1, 3], len(languages.CODES), 3)
+  c = routing_stats.RoutingCounts([1, 3], len(languages.CODES), 3)
   c.add(chosen, lang, np.ones_like(lang))
   frac, per_tok = c.fraction(), c.per_token()
   np.testing.assert_allclose(frac[0, EN], [2 / 4, 1 / 4, 1 / 4])
@@ -31,12 +33,12 @@ def test_counting_known_assignments():
   np.testing.assert_allclose(per_tok[0, ZH], [0, 0.5, 1.0])
   assert_close(frac[:, [EN, ZH]].sum(-1), 1.0, dtype=np.float64, terms=3)   # float64 sum of 3 shares
   assert list(c.present()) == [EN, ZH] and c.tokens[0, EN] == 2
-  res = analysis.summarize(c, "language")
+  res = routing_stats.summarize(c, "language")
   assert res["groups"] == ["en", "zh"]
   # mean of en and zh rows; not rounding noise: the summary rounds to 6 decimals (error <= 5e-7)
   np.testing.assert_allclose(res["average"][0], [0.25, 7 / 24, 11 / 24], rtol=0, atol=5e-7)
   assert res["dominant_expert"]["zh"] == [2, 0] and res["dominant_share"]["zh"] == [1.0, 1.0]
-  fam = analysis.summarize(analysis.regroup(c, languages.expert_map("family7"), 7), "family")
+  fam = routing_stats.summarize(routing_stats.regroup(c, languages.expert_map("family7"), 7), "family")
   assert fam["groups"] == ["Sino-Tibetan", "Indo-European"]
   np.testing.assert_allclose(fam["fraction"]["Indo-European"], frac[:, EN])
   assert res["specialization"][1] == 0.0 and res["specialization"][0] > 0.3
@@ -46,7 +48,7 @@ def test_padding_is_never_counted():
   lang = np.array([[EN, EN, EN], [ZH, ZH, ZH]])
   mask = np.array([[1, 1, 0], [1, 0, 0]])
   chosen = {0: np.array([[[0, 1], [0, 1], [2, 3]], [[1, 2], [3, 3], [3, 3]]])}  # pads name experts
-  c = analysis.RoutingCounts([0], len(languages.CODES), 4)
+  c = routing_stats.RoutingCounts([0], len(languages.CODES), 4)
   c.add(chosen, lang, mask)
   assert c.tokens[0, EN] == 2 and c.tokens[0, ZH] == 1 and c.assign.sum() == 6
   np.testing.assert_allclose(c.fraction()[0, EN], [0.5, 0.5, 0, 0])
@@ -63,23 +65,23 @@ def _spec_close(value, want, groups, experts):
 def test_specialization_constructed_cases():
   E = 6
   uniform = np.full((4, E), 1 / E)
-  _spec_close(analysis.specialization(uniform), 0.0, 4, E)
+  _spec_close(routing_stats.specialization(uniform), 0.0, 4, E)
   same = np.tile([0.5, 0.3, 0.2, 0, 0, 0], (4, 1))        # skewed, but the same for every group
-  _spec_close(analysis.specialization(same), 0.0, 4, E)
+  _spec_close(routing_stats.specialization(same), 0.0, 4, E)
   own = np.eye(4, E)                                       # top-1: group determines the expert
-  _spec_close(analysis.specialization(own), 1.0, 4, E)
+  _spec_close(routing_stats.specialization(own), 1.0, 4, E)
   pairs = np.kron(np.eye(3), [0.5, 0.5])                   # top-2, disjoint expert pairs
-  _spec_close(analysis.specialization(pairs), 1.0, 3, 6)
+  _spec_close(routing_stats.specialization(pairs), 1.0, 3, 6)
   ts = np.linspace(0, 1, 11)
-  s = [analysis.specialization((1 - t) * uniform + t * own) for t in ts]
+  s = [routing_stats.specialization((1 - t) * uniform + t * own) for t in ts]
   _spec_close(s[0], 0.0, 4, E)
   _spec_close(s[-1], 1.0, 4, E)
   assert all(b > a for a, b in zip(s, s[1:])), s
   # the finite-sample floor: routing independent of the group scores near its chance level
   rng = np.random.default_rng(0)
   counts = np.stack([rng.multinomial(400, [0.3, 0.3, 0.2, 0.1, 0.05, 0.05]) for _ in range(5)])
-  chance = analysis.chance_specialization(counts)
-  assert 0 < chance < 0.05 and analysis.specialization(counts) < 3 * chance
+  chance = routing_stats.chance_specialization(counts)
+  assert 0 < chance < 0.05 and routing_stats.specialization(counts) < 3 * chance
 
 
 def _fake_result(L=2, E=3, K=2, groups=("Sino-Tibetan", "Indo-European", "Afro-Asian")):
@@ -98,12 +100,12 @@ def _png_shape(path):
 
 
 def test_heatmap_pngs_have_the_expected_size(tmp_path):
-  paths = plot.routing_heatmaps(_fake_result(), str(tmp_path), "family")
+  paths = plots.routing_heatmaps(_fake_result(), str(tmp_path), "family")
   names = sorted(os.path.relpath(p, tmp_path) for p in paths)
   assert names == ["dominant_family.png", "heatmap_average.png", "heatmaps/family_Afro-Asian.png",
                    "heatmaps/family_Indo-European.png", "heatmaps/family_Sino-Tibetan.png"]
   # 2 layers x 3 experts (and 2 layers x 3 families): (0.8+1.5+1.0+0.5) x (1.1+0.8+0.45) in at 100 dpi
-  assert plot.heatmap_size(2, 3) == pytest.approx((3.8, 2.35))
+  assert plots.heatmap_size(2, 3) == pytest.approx((3.8, 2.35))
   for p in paths:
     assert _png_shape(p) == (235, 380), p
 

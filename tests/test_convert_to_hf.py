@@ -15,8 +15,13 @@ transformers = pytest.importorskip("transformers")
 
 import lm_fixtures as lf  # noqa: E402
 from tolerance import assert_close, network_terms  # noqa: E402
-from apollo_jax import convert_from_hf, convert_to_hf, hf, hf_export, inference, params as params_lib  # noqa: E402
-from apollo_jax import languages, tokenizer_export  # noqa: E402
+from apollo_jax import convert_from_hf, convert_to_hf, inference  # noqa: E402
+from apollo_jax.model.size import count_params  # noqa: E402
+from apollo_jax.hf import config as hf_config
+from apollo_jax.hf import load as hf_load
+from apollo_jax.hf import export as hf_export
+from apollo_jax import languages  # noqa: E402
+from apollo_jax.hf import tokenizer as tokenizer_export
 from apollo_jax.data import chat, records  # noqa: E402
 from apollo_jax.data.tokenizer import load_tokenizer  # noqa: E402
 
@@ -56,7 +61,7 @@ def test_trained_hybrid_export(trained):
   assert (c["num_experts"], c["num_experts_per_tok"], c["norm_topk_prob"]) == (7, 2, False)
   assert c["moe_intermediate_size"] == c["intermediate_size"] == 128 and c["vocab_size"] == 4096
   assert (c["shared_expert_intermediate_size"], c["decoder_sparse_step"]) == (0, 1)
-  state = hf.load_hf_state(out)
+  state = hf_load.load_hf_state(out)
   assert "model.layers.3.mlp.experts.6.up_proj.weight" in state and "lm_head.weight" not in state
   assert "model.layers.3.mlp.experts.7.up_proj.weight" not in state            # padding dropped
   assert state["model.layers.3.mlp.shared_expert.up_proj.weight"].shape == (0, 64)
@@ -64,7 +69,7 @@ def test_trained_hybrid_export(trained):
   gen = json.load(open(os.path.join(out, "generation_config.json")))
   assert gen["eos_token_id"] == lm.tokenizer.eos_id and gen["do_sample"] is False
   card = open(os.path.join(out, "README.md")).read()
-  counts = params_lib.count_params(lm.config)
+  counts = count_params(lm.config)
   for text in ("Qwen2MoeForCausalLM", "MoE layers [2, 3]", "Hybrid-k", f"{counts['total_params']:,} total",
                f"{counts['active_params']:,} active", "Swahili (sw)", "4 steps x 16 rows"):
     assert text in card, text
@@ -83,7 +88,7 @@ def test_variant_exports(variant, tmp_path):
   c = json.load(open(tmp_path / "config.json"))
   if variant == "dense":
     assert type(model).__name__ == "Qwen2ForCausalLM" and "num_experts" not in c
-    assert "lm_head.weight" in hf.load_hf_state(str(tmp_path))                  # untied head
+    assert "lm_head.weight" in hf_load.load_hf_state(str(tmp_path))                  # untied head
   else:
     assert c["mlp_only_layers"] == ([0] if variant == "last3" else [])
 
@@ -105,7 +110,7 @@ def test_roundtrip_exact_and_sharded_bf16(trained, tmp_path):
   for name in shards:                            # at most the limit, unless one tensor is larger
     keys = [k for k, v in index["weight_map"].items() if v == name]
     assert os.path.getsize(os.path.join(sharded, name)) <= 100_000 + 8 * 1024 or len(keys) == 1
-  want, got = hf.load_hf_state(out), hf.load_hf_state(sharded)
+  want, got = hf_load.load_hf_state(out), hf_load.load_hf_state(sharded)
   assert set(got) == set(want)
   for k, v in want.items():
     np.testing.assert_array_equal(got[k], v.astype(ml_dtypes.bfloat16).astype(np.float32))
@@ -156,8 +161,8 @@ def test_chat_template_and_pipeline(tmp_path):
 def test_errors(trained, tmp_path):
   lm, out = trained
   with pytest.raises(ValueError, match="routing='language'.*--force_topk"):
-    hf_export.check_exportable(hf.apply_overrides(lm.config, {"moe.routing": "language"}))
-  hf_export.check_exportable(hf.apply_overrides(lm.config, {"moe.routing": "language"}), force_topk=True)
+    hf_export.check_exportable(hf_config.apply_overrides(lm.config, {"moe.routing": "language"}))
+  hf_export.check_exportable(hf_config.apply_overrides(lm.config, {"moe.routing": "language"}), force_topk=True)
   with pytest.raises(ValueError, match="max_shard_size='5 bananas'"):
     convert_to_hf.convert(out, str(tmp_path / "x"), max_shard_size="5 bananas")
   with pytest.raises(FileExistsError, match="not empty"):

@@ -17,7 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 import lm_fixtures as lf  # noqa: E402
 from tolerance import assert_close, network_terms  # noqa: E402
-from apollo_jax import decoding, sharding  # noqa: E402
+from apollo_jax.inference import decoding  # noqa: E402
+from apollo_jax.runtime import sharding
 
 _rng = np.random.RandomState(3)
 PROMPTS = [_rng.randint(10, 4096, n).tolist() for n in (3, 11, 20, 7)]

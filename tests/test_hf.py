@@ -23,7 +23,10 @@ transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)
 
 from apollo_jax import config as cfg  # noqa: E402
-from apollo_jax import hf  # noqa: E402
+from apollo_jax.hf import config as hf_config  # noqa: E402
+from apollo_jax.hf import load as hf_load  # noqa: E402
+from apollo_jax.hf.safetensors import read_safetensors  # noqa: E402
+from apollo_jax.hf.upcycle import upcycle  # noqa: E402
 from apollo_jax.model.transformer import build_model  # noqa: E402
 from tolerance import assert_close, network_terms  # noqa: E402
 
@@ -93,7 +96,7 @@ def dense_model(tmp_path_factory):
 # ------------------------------------------------------------------------------ config + reading
 
 def test_config_from_hf_fields():
-  c = hf.config_from_hf({**transformers.Qwen2MoeConfig(**MOE).to_dict(),
+  c = hf_config.config_from_hf({**transformers.Qwen2MoeConfig(**MOE).to_dict(),
                          "architectures": ["Qwen2MoeForCausalLM"]})
   m, e = c.model, c.moe
   assert (m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers) == (128, 32, 48, 4)
@@ -102,10 +105,10 @@ def test_config_from_hf_fields():
   assert (e.layers, e.num_experts, e.top_k, e.norm_topk_prob) == ("last:2", 7, 2, False)
   assert (e.routing, e.shared_expert, e.expert_map) == ("topk", False, "family7")
   # decoder_sparse_step: every 2nd layer (1, 3) minus mlp_only_layers
-  c = hf.config_from_hf({**MOE, "model_type": "qwen2_moe", "mlp_only_layers": [], "decoder_sparse_step": 2,
+  c = hf_config.config_from_hf({**MOE, "model_type": "qwen2_moe", "mlp_only_layers": [], "decoder_sparse_step": 2,
                          "num_experts": 12, "shared_expert_intermediate_size": 48, "rope_theta": 1e6})
   assert (c.moe.layers, c.moe.shared_expert, c.moe.expert_map, c.model.rope_theta) == ("1,3", True, "major12", 1e6)
-  dense = hf.config_from_hf({**DENSE, "architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": True})
+  dense = hf_config.config_from_hf({**DENSE, "architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": True})
   assert (dense.moe.layers, dense.model.tie_embeddings, dense.model.rope_theta) == ("none", True, 5000.0)
 
 
@@ -115,7 +118,7 @@ def test_read_safetensors_dtypes(tmp_path):
   t = {"bf": torch.randn(3, 5, generator=g).bfloat16(), "f16": torch.randn(4, generator=g).half(),
        "f32": torch.randn(2, 3, generator=g), "i64": torch.arange(6).reshape(2, 3)}
   save_file(t, str(tmp_path / "x.safetensors"), metadata={"format": "pt"})
-  got = hf.read_safetensors(str(tmp_path / "x.safetensors"))
+  got = read_safetensors(str(tmp_path / "x.safetensors"))
   assert set(got) == set(t)
   for k, v in t.items():
     want = v.float().numpy() if v.is_floating_point() else v.numpy()
@@ -130,9 +133,9 @@ def test_read_safetensors_dtypes(tmp_path):
 def test_qwen2_dense_logits(tmp_path, tie):
   model = _qwen2(tie)
   model.save_pretrained(str(tmp_path))
-  keys = set(hf.load_hf_state(str(tmp_path)))
+  keys = set(hf_load.load_hf_state(str(tmp_path)))
   assert ("lm_head.weight" in keys) != tie
-  module, params = hf.from_pretrained(str(tmp_path))
+  module, params = hf_load.from_pretrained(str(tmp_path))
   assert ("lm_head" in params) != tie
   _assert_logits(module, params, model)
 
@@ -144,46 +147,46 @@ def test_qwen2_bf16_checkpoint(tmp_path):
       p.copy_(p.bfloat16().float())
   copy.deepcopy(model).to(torch.bfloat16).save_pretrained(str(tmp_path))   # keeps fp32 rotary buffers
   assert json.load(open(tmp_path / "config.json")).get("dtype", "bfloat16") == "bfloat16"
-  module, params = hf.from_pretrained(str(tmp_path))
+  module, params = hf_load.from_pretrained(str(tmp_path))
   _assert_logits(module, params, model)
 
 
 def test_qwen2_moe_logits(moe_model, tmp_path):
   model, d = moe_model
-  assert "model.layers.3.mlp.experts.6.down_proj.weight" in hf.load_hf_state(d)
-  module, params = hf.from_pretrained(d)
+  assert "model.layers.3.mlp.experts.6.down_proj.weight" in hf_load.load_hf_state(d)
+  module, params = hf_load.from_pretrained(d)
   _assert_logits(module, params, model)
   # padded experts (7 -> 8): zero, never routed to, same logits
-  module8, params8 = hf.from_pretrained(d, {"moe.expert_multiple": 8})
+  module8, params8 = hf_load.from_pretrained(d, {"moe.expert_multiple": 8})
   for layer in ("layers_2", "layers_3"):
     for w in jax.tree.leaves(params8[layer]["mlp"]):
       if w.ndim == 3:
         assert w.shape[0] == 8 and not np.any(w[7])
   _assert_logits(module8, params8, model)
-  config = hf.config_from_hf(hf.read_hf_config(d))
-  config8 = hf.apply_overrides(config, {"moe.expert_multiple": 8})
-  jax.tree.map(np.testing.assert_array_equal, hf.repad_experts(params, config8), params8)
-  jax.tree.map(np.testing.assert_array_equal, hf.repad_experts(params8, config), params)
+  config = hf_config.config_from_hf(hf_config.read_hf_config(d))
+  config8 = hf_config.apply_overrides(config, {"moe.expert_multiple": 8})
+  jax.tree.map(np.testing.assert_array_equal, hf_load.repad_experts(params, config8), params8)
+  jax.tree.map(np.testing.assert_array_equal, hf_load.repad_experts(params8, config), params)
 
 
 def test_qwen2_moe_fused_and_sharded(moe_model, tmp_path):
   model, d = moe_model
-  _, ref = hf.from_pretrained(d)
+  _, ref = hf_load.from_pretrained(d)
   fused, sharded = str(tmp_path / "fused"), str(tmp_path / "sharded")
   model.save_pretrained(fused, save_original_format=False)
-  assert "model.layers.3.mlp.experts.gate_up_proj" in hf.load_hf_state(fused)
+  assert "model.layers.3.mlp.experts.gate_up_proj" in hf_load.load_hf_state(fused)
   model.save_pretrained(sharded, max_shard_size="40KB")
   index = json.load(open(os.path.join(sharded, "model.safetensors.index.json")))
   assert len(set(index["weight_map"].values())) > 1
   for path in (fused, sharded):
-    _, params = hf.from_pretrained(path)
+    _, params = hf_load.from_pretrained(path)
     jax.tree.map(np.testing.assert_array_equal, params, ref)
 
 
 def _released_dir(src, dst, **extra):
   """Per-expert tensors as the released Apollo-MoE stores them, next to its remote-code config."""
   os.makedirs(dst)
-  state = {k: v for k, v in hf.load_hf_state(src).items() if ".shared_expert" not in k}
+  state = {k: v for k, v in hf_load.load_hf_state(src).items() if ".shared_expert" not in k}
   safetensors.numpy.save_file(state, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
   hf_cfg = json.load(open(os.path.join(src, "config.json")))
   for k in ("rope_parameters", "layer_types", "qkv_bias"):
@@ -202,30 +205,30 @@ def _released_dir(src, dst, **extra):
 def test_released_apollo_moe_layout(moe_model, tmp_path):
   model, d = moe_model
   rel = _released_dir(d, str(tmp_path / "rel"))
-  config = hf.config_from_hf(hf.read_hf_config(rel))
+  config = hf_config.config_from_hf(hf_config.read_hf_config(rel))
   assert (config.moe.routing, config.moe.expert_map, config.moe.layers) == ("hybrid", "family7", "last:2")
   assert not config.moe.shared_expert and config.model.rope_theta == 10000.0
-  module, params = hf.from_pretrained(rel)
+  module, params = hf_load.from_pretrained(rel)
   _assert_logits(module, params, model)     # inference = plain top-k, no language ids needed
-  gate = hf.config_from_hf({**hf.read_hf_config(rel), "language_gate": False})
+  gate = hf_config.config_from_hf({**hf_config.read_hf_config(rel), "language_gate": False})
   assert gate.moe.routing == "topk"
 
 
 # -------------------------------------------------------------------------------- upcycling (e)
 
 def _moe_config(dense_config, **moe):
-  c = hf.apply_overrides(dense_config, {"moe." + k: v for k, v in moe.items()})
+  c = hf_config.apply_overrides(dense_config, {"moe." + k: v for k, v in moe.items()})
   return cfg.validate(c)
 
 
 def test_upcycle(dense_model):
   model, d = dense_model
-  dense_cfg, dense = hf.load_pretrained(d)
+  dense_cfg, dense = hf_load.load_pretrained(d)
   moe_cfg = _moe_config(dense_cfg, layers="last:1", num_experts=7, top_k=2, routing="topk",
                         expert_multiple=8, router_init_std=0.02)
-  up = hf.upcycle(dense, dense_cfg, moe_cfg, jax.random.key(0))
-  top_d, layers_d = hf.split_layers(dense, dense_cfg)
-  top_u, layers_u = hf.split_layers(up, moe_cfg)
+  up = upcycle(dense, dense_cfg, moe_cfg, jax.random.key(0))
+  top_d, layers_d = hf_load.split_layers(dense, dense_cfg)
+  top_u, layers_u = hf_load.split_layers(up, moe_cfg)
   jax.tree.map(np.testing.assert_array_equal, top_u, top_d)
   jax.tree.map(np.testing.assert_array_equal, layers_u[:2], layers_d[:2])
   ffn, mlp = layers_d[2]["mlp"], layers_u[2]["mlp"]
@@ -243,10 +246,10 @@ def test_upcycle(dense_model):
   # 2/7 x the dense FFN: the dense model with that layer's down_proj scaled by 2/7.
   mlp["gate"]["kernel"] = np.zeros_like(router)
   layers_u[2] = {**layers_u[2], "mlp": mlp}
-  zero_router = hf.finish_tree(hf.join_layers(top_u, layers_u, moe_cfg), moe_cfg)
+  zero_router = hf_load.finish_tree(hf_load.join_layers(top_u, layers_u, moe_cfg), moe_cfg)
   scaled = jax.tree.map(np.copy, layers_d)
   scaled[2]["mlp"]["down_proj"]["kernel"] *= 2 / 7
-  want = _our_logits(build_model(dense_cfg), hf.join_layers(top_d, scaled, dense_cfg))
+  want = _our_logits(build_model(dense_cfg), hf_load.join_layers(top_d, scaled, dense_cfg))
   got = _our_logits(build_model(moe_cfg), zero_router)
   # two experts x 1/7 summed vs one FFN with down_proj x 2/7: other roundings in 3 f32 layers
   assert_close(got, want, dtype=np.float32, terms=_terms(model.config))
@@ -256,12 +259,12 @@ def test_upcycle(dense_model):
 
 def test_upcycle_shared_expert(dense_model):
   _, d = dense_model
-  dense_cfg, dense = hf.load_pretrained(d)
+  dense_cfg, dense = hf_load.load_pretrained(d)
   moe_cfg = _moe_config(dense_cfg, layers="all", num_experts=7, top_k=1, routing="language",
                         shared_expert=True)
-  up = hf.upcycle(dense, dense_cfg, moe_cfg, jax.random.key(1))
-  _, layers_d = hf.split_layers(dense, dense_cfg)
-  _, layers_u = hf.split_layers(up, moe_cfg)
+  up = upcycle(dense, dense_cfg, moe_cfg, jax.random.key(1))
+  _, layers_d = hf_load.split_layers(dense, dense_cfg)
+  _, layers_u = hf_load.split_layers(up, moe_cfg)
   for ld, lu in zip(layers_d, layers_u):
     jax.tree.map(np.testing.assert_array_equal, lu["mlp"]["shared_expert"], ld["mlp"])
     assert lu["mlp"]["shared_expert_gate"]["kernel"].shape == (32, 1)
@@ -271,26 +274,26 @@ def test_upcycle_shared_expert(dense_model):
 
 def test_errors(moe_model, dense_model):
   _, d = moe_model
-  config = hf.config_from_hf(hf.read_hf_config(d))
-  state = hf.load_hf_state(d)
+  config = hf_config.config_from_hf(hf_config.read_hf_config(d))
+  state = hf_load.load_hf_state(d)
   missing = dict(state)
   del missing["model.layers.1.self_attn.k_proj.bias"], missing["model.layers.3.mlp.experts.4.up_proj.weight"]
   with pytest.raises(ValueError, match=r"missing 2 tensor.*layers\.1\.self_attn\.k_proj\.bias.*experts\.4\.up_proj"):
-    hf.params_from_hf(missing, config)
+    hf_load.params_from_hf(missing, config)
   extra = {**state, "model.layers.0.mlp.extra_proj.weight": np.zeros((2, 2), np.float32)}
   with pytest.raises(ValueError, match=r"1 unexpected tensor.*model\.layers\.0\.mlp\.extra_proj\.weight"):
-    hf.params_from_hf(extra, config)
+    hf_load.params_from_hf(extra, config)
   with pytest.raises(ValueError, match=r"LlamaForCausalLM.*Qwen2ForCausalLM.*Qwen2MoeForCausalLM"):
-    hf.config_from_hf({**DENSE, "architectures": ["LlamaForCausalLM"]})
+    hf_config.config_from_hf({**DENSE, "architectures": ["LlamaForCausalLM"]})
   with pytest.raises(ValueError, match="moe_intermediate_size=16"):
-    hf.config_from_hf({**MOE, "architectures": ["Qwen2MoeForCausalLM"], "moe_intermediate_size": 16})
+    hf_config.config_from_hf({**MOE, "architectures": ["Qwen2MoeForCausalLM"], "moe_intermediate_size": 16})
   # tied config, but the stored lm_head is not the embedding
   _, dd = dense_model
-  tied = hf.apply_overrides(hf.config_from_hf(hf.read_hf_config(dd)), {"model.tie_embeddings": True})
+  tied = hf_config.apply_overrides(hf_config.config_from_hf(hf_config.read_hf_config(dd)), {"model.tie_embeddings": True})
   with pytest.raises(ValueError, match="lm_head.weight differs"):
-    hf.params_from_hf(hf.load_hf_state(dd), tied)
+    hf_load.params_from_hf(hf_load.load_hf_state(dd), tied)
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
-    hf.load_hf_state(os.path.dirname(dd))
+    hf_load.load_hf_state(os.path.dirname(dd))
 
 
 # ------------------------------------------------------------------------------------- CLI (g)
@@ -308,7 +311,7 @@ def test_convert_cli_roundtrip(tmp_path):
                         f"--out={out}", "--upcycle", "--config=configs/tiny.py:routing=topk"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
-  params, meta = hf.load_params(out)
+  params, meta = hf_load.load_params(out)
   assert meta["moe"]["layers"] == "last:2" and meta["model"]["hidden_size"] == 64
 
   import importlib.util
@@ -316,16 +319,16 @@ def test_convert_cli_roundtrip(tmp_path):
   tiny = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tiny)
   config = tiny.get_config("routing=topk")
-  hf.check_saved_config(meta, config)
-  dense_cfg, dense = hf.load_pretrained(src)
-  want = hf.upcycle(dense, dense_cfg, config, jax.random.key(config.seed))
+  hf_load.check_saved_config(meta, config)
+  dense_cfg, dense = hf_load.load_pretrained(src)
+  want = upcycle(dense, dense_cfg, config, jax.random.key(config.seed))
   assert jax.tree.structure(params) == jax.tree.structure(want)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, want)
 
   # plain import (no upcycle) through the function, then restore onto abstract targets
   target, p2 = convert_from_hf.convert(src, str(tmp_path / "plain"))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), p2)
-  restored, _ = hf.load_params(str(tmp_path / "plain"), abstract)
+  restored, _ = hf_load.load_params(str(tmp_path / "plain"), abstract)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), restored, p2)
   _assert_logits(build_model(target), restored, model)
   # model dims must agree with --config

@@ -15,7 +15,8 @@ pytest.importorskip("transformers")
 import lm_fixtures as lf  # noqa: E402
 import train_fixtures as tf  # noqa: E402
 from tolerance import assert_close, network_terms  # noqa: E402
-from apollo_jax import convert_from_hf, inference, workdir as workdir_io  # noqa: E402
+from apollo_jax import convert_from_hf, inference  # noqa: E402
+from apollo_jax.runtime import workdir as workdir_io
 from apollo_jax.data.tokenizer import load_tokenizer  # noqa: E402
 
 ONE = jax.devices()[:1]

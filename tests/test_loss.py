@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apollo_jax import loss, train_step as ts
+from apollo_jax.training import loss
+from apollo_jax.training import step as ts
 from apollo_jax.model import transformer
 from configs import tiny
 from tolerance import assert_close, network_terms

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from apollo_jax import config as cfg
-from apollo_jax import params
+from apollo_jax.model.size import count_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,20 +23,20 @@ def load(name, arg=None):
     ("apollo_moe_7b", 10_059_897_344, 8_023_038_464),
 ])
 def test_released_counts(name, total, active):
-  assert params.count_params(load(name)) == {"total_params": total, "active_params": active}
+  assert count_params(load(name)) == {"total_params": total, "active_params": active}
 
 
 def test_padding_is_not_counted():
   c = load("apollo_moe_0p5b")
   c.moe.expert_multiple = 8
-  assert params.count_params(c) == {"total_params": 650_938_496, "active_params": 520_194_176}
+  assert count_params(c) == {"total_params": 650_938_496, "active_params": 520_194_176}
 
 
 def test_dense_and_variants():
-  assert params.count_params(load("apollo_moe_0p5b", "moe_layers=none")) == {
+  assert count_params(load("apollo_moe_0p5b", "moe_layers=none")) == {
       "total_params": 494_032_768, "active_params": 494_032_768}          # Qwen2-0.5B
   c = load("apollo_moe_7b", "moe_layers=last:3")
-  assert params.count_params(c)["total_params"] == 11_282_037_760        # SPEC §2.7: 11.28 B
+  assert count_params(c)["total_params"] == 11_282_037_760        # SPEC §2.7: 11.28 B
 
 
 def test_cli_prints_json():

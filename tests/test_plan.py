@@ -9,13 +9,15 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apollo_jax import metrics as mx
-from apollo_jax import optimizer, plan, sharding
-from apollo_jax import train_step as ts
+from apollo_jax.training import metrics as mx
+from apollo_jax.training import optimizer
+from apollo_jax.plan import parse_mesh
+from apollo_jax.training import memory_plan
+from apollo_jax.runtime import sharding
+from apollo_jax.training import step as ts
 from apollo_jax.model import transformer
 from configs import tiny
 
@@ -40,7 +42,7 @@ def hooked():
     state = ts.init_state(c, tx, shardings, init)
     train_fn = ts.jit_train_step(ts.make_train_step(model, c, tx, mesh), shardings, mesh)
     lines = []
-    compiled = plan.before_training(c, mesh, train_fn, state, lines.append)
+    compiled = memory_plan.before_training(c, mesh, train_fn, state, lines.append)
   return c, mesh, state, compiled, lines
 
 
@@ -54,12 +56,12 @@ def test_hook_prints_the_plan_and_returns_the_compiled_step(hooked):
   assert np.isfinite(float(m["loss"]))
   c2 = c.copy_and_resolve_references()
   c2.plan = "auto"                              # CPU: no extra lowering for tiny runs
-  assert plan.before_training(c2, mesh, "jitted", state, lines.append) == "jitted"
+  assert memory_plan.before_training(c2, mesh, "jitted", state, lines.append) == "jitted"
 
 
 def test_memory_and_flops_match_hand_counts_and_a_real_compile(hooked):
   c, mesh, state, compiled, _ = hooked
-  p = plan.make_plan(c, mesh, compiled)
+  p = memory_plan.make_plan(c, mesh, compiled)
   # arguments per device = params + Adam mu + nu (fp32, sharded 4 ways) + the 6 batch arrays
   n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
   want = 3 * 4 * n_params / DEVICES + 6 * 4 * c.global_batch * c.data.seq_len / DEVICES
@@ -81,18 +83,18 @@ def test_memory_and_flops_match_hand_counts_and_a_real_compile(hooked):
   assert compiled.cost_analysis()["flops"] * DEVICES < 0.8 * p.hlo_flops
   flat = c.copy_and_resolve_references()
   flat.model.scan_layers, flat.loss_chunk = False, 0
-  per_device = plan.lower_train_step(flat, mesh)[1].compile().cost_analysis()["flops"]
+  per_device = memory_plan.lower_train_step(flat, mesh)[1].compile().cost_analysis()["flops"]
   recompute = 2 * m.hidden_size * m.vocab_size * tokens
   np.testing.assert_allclose(per_device * DEVICES + recompute, p.hlo_flops, rtol=0.02)
 
   p.budget = p.total - 1
-  assert not p.fits and "grad_accum" in plan.warning(p)
+  assert not p.fits and "grad_accum" in memory_plan.warning(p)
 
 
 def test_parse_mesh():
-  assert plan.parse_mesh("fsdp=4,expert=2") == {"fsdp": 4, "expert": 2}
+  assert parse_mesh("fsdp=4,expert=2") == {"fsdp": 4, "expert": 2}
   with pytest.raises(ValueError, match="axis=size"):
-    plan.parse_mesh("fsdp:4")
+    parse_mesh("fsdp:4")
 
 
 @pytest.mark.slow
@@ -123,7 +125,7 @@ def test_fsdp_weights_are_all_gathered_in_bf16(tmp_path):
   c.moe.expert_multiple, c.moe.group_size = 8, 32
   c.global_batch, c.data.seq_len = 8, 32
   mesh = sharding.make_mesh(c)                      # fsdp = 8
-  _, lowered = plan.lower_train_step(c, mesh)
+  _, lowered = memory_plan.lower_train_step(c, mesh)
   with sharding.activate(mesh):
     lowered.compile({"xla_dump_to": str(tmp_path), "xla_dump_hlo_pass_re": "spmd-partitioning"})
   hlo = open(glob.glob(str(tmp_path / "*train_step*after_spmd-partitioning*"))[0]).read()

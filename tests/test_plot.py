@@ -7,7 +7,7 @@ import sys
 
 import matplotlib.image
 import pytest
-from apollo_jax import plot
+from apollo_jax.analysis import plots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,20 +37,20 @@ def _shape(path):
 
 def test_training_curves(tmp_path):
   _metrics(tmp_path, moe_layers=(0, 1, 2, 3))
-  paths = plot.training_curves(str(tmp_path))
+  paths = plots.training_curves(str(tmp_path))
   names = sorted(os.path.basename(p) for p in paths)
   assert names == ["family_loss.png", "grad_norm.png", "loss.png", "lr.png", "moe_drop.png",
                    "moe_load.png", "tokens_per_s.png"]
   assert all(os.path.dirname(p) == str(tmp_path / "plots") for p in paths)
   for p in paths:      # 6.4 x 4 in at 100 dpi; the load figure has one 3.2 in panel per layer
     assert _shape(p) == ((400, 1280) if p.endswith("moe_load.png") else (400, 640)), p
-  steps, values = plot._series(plot.read_metrics(str(tmp_path)), "eval_loss")
+  steps, values = plots._series(plots.read_metrics(str(tmp_path)), "eval_loss")
   assert steps == [0, 10, 20] and values == pytest.approx([8.3, 7.2, 6.2])     # from the step-0 baseline
 
 
 def test_dense_run_skips_moe_curves_and_cli_errors(tmp_path):
   _metrics(tmp_path, moe_layers=())
-  names = {os.path.basename(p) for p in plot.training_curves(str(tmp_path), str(tmp_path / "out"))}
+  names = {os.path.basename(p) for p in plots.training_curves(str(tmp_path), str(tmp_path / "out"))}
   assert "moe_load.png" not in names and "moe_drop.png" not in names and "loss.png" in names
   out = subprocess.run([sys.executable, "-m", "apollo_jax.plot", f"--workdir={tmp_path / 'missing'}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 
 import train_fixtures as tf
-from apollo_jax import checkpoint, metrics, optimizer, sharding
-from apollo_jax import workdir as workdir_io
-from apollo_jax import train_step as ts
+from apollo_jax.training import checkpoint
+from apollo_jax.training import metrics
+from apollo_jax.training import optimizer
+from apollo_jax.runtime import sharding
+from apollo_jax.runtime import workdir as workdir_io
+from apollo_jax.training import step as ts
 from apollo_jax.model import transformer
 
 _config, _flat = tf.tiny_config, tf.flat
@@ -172,8 +175,8 @@ import os, signal, sys, time
 pid, port = int(sys.argv[1]), sys.argv[2]
 import jax
 jax.distributed.initialize(f"127.0.0.1:{port}", 2, pid, initialization_timeout=30)
-from apollo_jax import train
-stop = train.StopRequest()
+from apollo_jax.training import loop
+stop = loop.StopRequest()
 assert stop.sync
 for step in range(1, 400):
   time.sleep(0.01 * (pid + 1))             # the processes run at different speeds

@@ -12,8 +12,12 @@ import pytest
 
 import data_fixtures
 import train_fixtures as tf
-from apollo_jax import cli, config as cfg, optimizer, run_setup, sharding
-from apollo_jax import train_step as ts
+from apollo_jax import config as cfg
+from apollo_jax.runtime import cli
+from apollo_jax.training import optimizer
+from apollo_jax.training import setup
+from apollo_jax.runtime import sharding
+from apollo_jax.training import step as ts
 from apollo_jax.model import transformer
 
 _config, _flat = tf.tiny_config, tf.flat
@@ -96,13 +100,13 @@ def test_train_from_dense_hf_dir_one_command(hf_dense, data, jit_cache, tmp_path
 
 def test_init_kind_and_hf_mismatch_errors(hf_dense, tmp_path):
   hf_dir, _ = hf_dense
-  assert run_setup.init_kind(hf_dir) == "hf"
+  assert setup.init_kind(hf_dir) == "hf"
   with pytest.raises(FileNotFoundError, match="does not exist: expected an HF checkpoint dir"):
-    run_setup.init_kind(str(tmp_path / "nope"))
+    setup.init_kind(str(tmp_path / "nope"))
   with pytest.raises(FileNotFoundError, match="is neither kind"):
-    run_setup.init_kind(str(tmp_path))
+    setup.init_kind(str(tmp_path))
   with pytest.raises(ValueError, match=r"model dimensions differ.*hidden_size.*\(64, 32\)"):
-    run_setup.hf_params(hf_dir, _config(model__hidden_size=32))
+    setup.hf_params(hf_dir, _config(model__hidden_size=32))
 
 
 def test_moe_hf_dir_loads_as_is_onto_the_shardings(tmp_path):
@@ -129,7 +133,7 @@ def test_moe_hf_dir_loads_as_is_onto_the_shardings(tmp_path):
   with sharding.activate(mesh):
     model, tx = transformer.build_model(c), optimizer.make_optimizer(c)
     abstract, shardings, _ = ts.state_shardings(model, c, tx, mesh)
-  params = run_setup.load_params(c, abstract["params"], shardings["params"])
+  params = setup.load_params(c, abstract["params"], shardings["params"])
   flat = _flat(params)
   gate = params["layers_3"]["mlp"]["experts"]["gate_proj"]
   assert gate.sharding == shardings["params"]["layers_3"]["mlp"]["experts"]["gate_proj"]
@@ -142,7 +146,7 @@ def test_moe_hf_dir_loads_as_is_onto_the_shardings(tmp_path):
   np.testing.assert_array_equal(flat["['layers_0']['mlp']['down_proj']['kernel']"][1],
                                 sd["model.layers.1.mlp.down_proj.weight"].T)
   with pytest.raises(ValueError, match=r"saved params have MoE layers \(2, 3\).*config wants \(1, 2, 3\)"):
-    run_setup.hf_params(str(tmp_path), _config(moe__layers="last:3"))
+    setup.hf_params(str(tmp_path), _config(moe__layers="last:3"))
 
 
 # ----------------------------------------------------------------------------- preflight, epochs
@@ -150,7 +154,7 @@ def test_moe_hf_dir_loads_as_is_onto_the_shardings(tmp_path):
 def test_big_configs_list_what_they_need():
   for name in ("apollo_moe_0p5b", "apollo_2b", "apollo_moe_7b"):
     with pytest.raises(ValueError) as e:
-      run_setup.prepare(cfg.load(name))
+      setup.prepare(cfg.load(name))
     msg = str(e.value)
     for needed in ("--config.init_from=DIR", "--config.allow_random_init=True", "data.tokenizer",
                    "--config.data.train_files=FILES", "hf download"):
@@ -158,22 +162,22 @@ def test_big_configs_list_what_they_need():
   c = cfg.load("apollo_2b")
   c.data.train_files, c.allow_random_init = "x.json", True
   with pytest.raises(ValueError, match=r"needs: \(1\) the tokenizer") as e:
-    run_setup.prepare(c)
+    setup.prepare(c)
   assert "init_from" not in str(e.value).split("(1)")[1].split("by default")[0]
   c.data.tokenizer = "tok.json"
-  run_setup.prepare(c)                     # everything given: no error
-  run_setup.prepare(cfg.load("tiny"))      # the demo config needs nothing
+  setup.prepare(c)                     # everything given: no error
+  setup.prepare(cfg.load("tiny"))      # the demo config needs nothing
 
 
 def test_tokenizer_defaults_to_init_from(hf_dense):
   hf_dir, _ = hf_dense
-  for given in ("", run_setup.SAMPLE_TOKENIZER):
+  for given in ("", setup.SAMPLE_TOKENIZER):
     c = _config(init_from=hf_dir)
     c.data.tokenizer = given
-    run_setup.prepare(c)
+    setup.prepare(c)
     assert c.data.tokenizer == os.path.join(hf_dir, "tokenizer.json")
   c = _config(init_from=hf_dir, data__tokenizer="mine.model")
-  run_setup.prepare(c)
+  setup.prepare(c)
   assert c.data.tokenizer == "mine.model"  # an explicit tokenizer wins
 
 
@@ -182,9 +186,9 @@ def test_epochs_to_steps():
     stats = {"rows_per_epoch": 1000}
     steps_for_epochs = lambda self, epochs: int(epochs * 100)
   c = _config(epochs=1.5, global_batch=32)
-  assert run_setup.apply_epochs(c, D()) == 150 == c.steps
+  assert setup.apply_epochs(c, D()) == 150 == c.steps
   c = _config(epochs=0.0, steps=7)
-  assert run_setup.apply_epochs(c, D()) is None and c.steps == 7
+  assert setup.apply_epochs(c, D()) is None and c.steps == 7
   with pytest.raises(ValueError, match="epochs must be >= 0"):
     cfg.validate(_config(epochs=-1.0))
 

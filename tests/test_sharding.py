@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from apollo_jax import config as cfg
-from apollo_jax import sharding
+from apollo_jax.runtime import sharding
 from apollo_jax.model.transformer import build_model
 from tolerance import assert_close, network_terms
 

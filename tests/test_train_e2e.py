@@ -49,7 +49,7 @@ def test_metrics_jsonl(reference):
   assert recs[0]["lr"] == 0 and recs[3]["lr"] == pytest.approx(3e-3)
   assert recs[-1]["loss"] < recs[0]["loss"] - 0.5
   assert tf.committed_steps(reference) == [20, 25, 30]   # keep=3
-  from apollo_jax import workdir as workdir_io          # config.json + tokenizer: all inference needs
+  from apollo_jax.runtime import workdir as workdir_io          # config.json + tokenizer: all inference needs
   assert workdir_io.read_config(reference).steps == STEPS and workdir_io.tokenizer_path(reference, None)
 
 
@@ -131,7 +131,7 @@ def test_init_from_upcycled_hf_checkpoint(data, jit_cache, tmp_path):
   import subprocess
   import sys
   transformers = pytest.importorskip("transformers")
-  from apollo_jax import hf
+  from apollo_jax.hf import load as hf_load
   hf_cfg = transformers.Qwen2Config(vocab_size=640, hidden_size=64, intermediate_size=128,
                                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                                     tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6)
@@ -145,7 +145,7 @@ def test_init_from_upcycled_hf_checkpoint(data, jit_cache, tmp_path):
   workdir = str(tmp_path / "run")
   flags = tf.flags(data, 2, init_from=conv, optim__lr=0.0, eval_every=0)
   tf.check_ok(tf.run(workdir, flags, 1, jit_cache))
-  converted, _ = hf.load_params(conv)
+  converted, _ = hf_load.load_params(conv)
   trained = tf.restore_params(workdir, 2)
   flat = {jax_key: v for jax_key, v in _flat(converted)}
   assert flat.keys() == trained.keys()

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apollo_jax import optimizer
+from apollo_jax.training import optimizer
 from apollo_jax.model import transformer
-from apollo_jax.train_step import abstract_params, unbox
+from apollo_jax.training.step import abstract_params, unbox
 from configs import tiny
 from tolerance import assert_close
 

@@ -6,7 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apollo_jax import languages, metrics, optimizer, sharding, train_step as ts
+from apollo_jax import languages
+from apollo_jax.training import metrics
+from apollo_jax.training import optimizer
+from apollo_jax.runtime import sharding
+from apollo_jax.training import step as ts
 from apollo_jax.model import transformer
 from configs import tiny
 from tolerance import assert_close

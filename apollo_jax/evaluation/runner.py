@@ -11,8 +11,8 @@ def _param_count(lm):
   config = getattr(lm, "config", None)
   if config is None:
     return None
-  from apollo_jax import params as params_lib
-  return params_lib.count_params(config)["total_params"]
+  from apollo_jax.model.size import count_params
+  return count_params(config)["total_params"]
 
 
 def evaluate(lm, bench_files, out_dir=None, *, mode="both", shots=3, seed=0, limit=0, languages=None,

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from apollo_jax import config as cfg
-from apollo_jax import sharding
+from apollo_jax.runtime import sharding
 from apollo_jax.model import dropless, layers, routing
 
 IMPLS = ("dropless", "capacity")

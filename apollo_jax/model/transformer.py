@@ -119,7 +119,7 @@ class Transformer(nn.Module):
     # All-gather the table's FSDP-sharded embedding dim before the lookup (as for every FSDP
     # weight): otherwise the lookup's gradient needs a batch->embed reshard XLA can only do by
     # replicating the activations. Pinning the table's own sharding first makes the gather move
-    # the table in the dtype it arrives in (bf16 from train_step.compute_params), not fp32.
+    # the table in the dtype it arrives in (bf16 from training/step.py's compute_params), not fp32.
     table = nn.with_logical_constraint(embed.embedding, ("vocab", "embed"))
     table = nn.with_logical_constraint(table, ("vocab", "act_embed"))
     x = nn.with_logical_constraint(jnp.take(table, input_ids, axis=0).astype(dtype), ACT)

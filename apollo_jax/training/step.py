@@ -17,7 +17,10 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from apollo_jax import languages, loss, optimizer, sharding
+from apollo_jax import languages
+from apollo_jax.training import loss
+from apollo_jax.training import optimizer
+from apollo_jax.runtime import sharding
 from apollo_jax.model import layers
 from apollo_jax.model.transformer import unbox
 

@@ -1,6 +1,6 @@
-"""Import HF Qwen2 / Qwen2-MoE / released Apollo-MoE checkpoints, and upcycle dense -> Post-MoE.
+"""Import HF Qwen2 / Qwen2-MoE / released Apollo-MoE checkpoints (config mapping: hf/config.py).
 
-No torch: safetensors files are read by `safetensors_np` (bfloat16, the dtype of every released
+No torch: safetensors files are read by hf/safetensors.py (bfloat16, the dtype of every released
 checkpoint, becomes float32 exactly). Params come back as a plain nested dict of float32 numpy
 arrays shaped exactly like `build_model(config).init(...)["params"]` (unboxed); `layer_plan(config)`
 says which decoder layers are stacked into one scanned block.
@@ -10,134 +10,13 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from apollo_jax import config as cfg
-from apollo_jax import languages
+from apollo_jax.hf.config import apply_overrides, check_same_model, config_from_hf, read_hf_config
 from apollo_jax.model.transformer import abstract_params, build_model, layer_plan
-from apollo_jax.safetensors_np import read_safetensors
-
-# architecture -> flavour; model_type is the fallback when a config has no `architectures`.
-ARCHITECTURES = {"Qwen2ForCausalLM": "dense", "Qwen2MoeForCausalLM": "qwen2_moe",
-                 "UpcyclingQwen2MoeForCausalLM": "upcycling"}
-MODEL_TYPES = {"qwen2": "dense", "qwen2_moe": "qwen2_moe", "upcycling_qwen2_moe": "upcycling"}
-MODEL_DIMS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-              "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "tie_embeddings")
-
-
-# ----------------------------------------------------------------------------------------- config
-
-def read_hf_config(hf_dir) -> dict:
-  path = os.path.join(hf_dir, "config.json") if os.path.isdir(hf_dir) else hf_dir
-  with open(path) as f:
-    return json.load(f)
-
-
-def _flavour(hf):
-  archs = hf.get("architectures") or []
-  for a in archs:
-    if a in ARCHITECTURES:
-      return ARCHITECTURES[a]
-  if not archs and hf.get("model_type") in MODEL_TYPES:
-    return MODEL_TYPES[hf["model_type"]]
-  raise ValueError(f"unsupported architecture {archs or hf.get('model_type')!r}; supported: "
-                   f"{', '.join(ARCHITECTURES)} (model_type {', '.join(MODEL_TYPES)})")
-
-
-def _layers_spec(idx, num_layers):
-  """MoE layer indices -> the moe.layers string ('none' | 'all' | 'last:N' | '3,7')."""
-  idx = tuple(idx)
-  if not idx:
-    return "none"
-  if idx == tuple(range(num_layers)):
-    return "all"
-  if idx == tuple(range(num_layers - len(idx), num_layers)):
-    return f"last:{len(idx)}"
-  return ",".join(map(str, idx))
-
-
-def config_from_hf(hf_config, base=None) -> ml_collections.ConfigDict:
-  """Our config (model + moe filled) for an HF config dict (or a dir / config.json path)."""
-  hf = read_hf_config(hf_config) if isinstance(hf_config, (str, os.PathLike)) else dict(hf_config)
-  flavour = _flavour(hf)
-  c = ml_collections.ConfigDict(base.to_dict()) if base is not None else cfg.base_config()
-  m, e = c.model, c.moe
-
-  def need(cond, msg):
-    if not cond:
-      raise ValueError(f"unsupported HF config ({hf.get('architectures')}): {msg}")
-
-  need(hf.get("hidden_act", "silu") == "silu", f"hidden_act={hf.get('hidden_act')!r} (only silu)")
-  need(not hf.get("use_sliding_window", False), "use_sliding_window=true (no sliding-window attention)")
-  need(hf.get("qkv_bias", True), "qkv_bias=false (Qwen2 attention always has q/k/v biases)")
-  rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  need(rope_type == "default", f"rope_type={rope_type!r} (only default RoPE)")
-  m.vocab_size = int(hf["vocab_size"])
-  m.hidden_size = int(hf["hidden_size"])
-  m.intermediate_size = int(hf["intermediate_size"])
-  m.num_layers = int(hf["num_hidden_layers"])
-  m.num_heads = int(hf["num_attention_heads"])
-  m.num_kv_heads = int(hf.get("num_key_value_heads") or m.num_heads)
-  hd = hf.get("head_dim")
-  m.head_dim = 0 if not hd or hd * m.num_heads == m.hidden_size else int(hd)
-  m.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-  m.rms_norm_eps = float(hf.get("rms_norm_eps", 1e-6))
-  m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
-  m.init_std = float(hf.get("initializer_range", m.init_std))
-
-  if flavour == "dense":
-    e.layers = "none"
-    return c
-  n_exp = int(hf.get("num_experts") or 0)
-  step = int(hf.get("decoder_sparse_step", 1) or 1)
-  dense_only = set(hf.get("mlp_only_layers") or [])
-  idx = [i for i in range(m.num_layers)
-         if n_exp > 0 and i not in dense_only and (i + 1) % step == 0]
-  e.layers = _layers_spec(idx, m.num_layers)
-  if not idx:
-    return c
-  e.num_experts = n_exp
-  e.top_k = int(hf.get("num_experts_per_tok", 2))
-  e.norm_topk_prob = bool(hf.get("norm_topk_prob", False))
-  moe_i = int(hf.get("moe_intermediate_size") or m.intermediate_size)
-  need(moe_i == m.intermediate_size, f"moe_intermediate_size={moe_i} != intermediate_size="
-       f"{m.intermediate_size}; our experts are full FFNs of intermediate_size (no fine-grained experts)")
-  if flavour == "qwen2_moe":
-    shared = int(hf.get("shared_expert_intermediate_size") or 0)
-    e.shared_expert = shared > 0
-    e.routing = "topk"
-  else:  # released Apollo-MoE remote code (SPEC §2.4, §3): shared expert only with share_flag
-    shared = int(hf.get("shared_expert_intermediate_size") or m.intermediate_size)
-    e.shared_expert = bool(hf.get("share_flag", False))
-    gate = bool(hf.get("language_gate", False))
-    e.routing = ("language" if e.shared_expert and e.top_k == 1 else "hybrid") if gate else "topk"
-  if e.shared_expert:
-    need(shared == m.intermediate_size, f"shared_expert_intermediate_size={shared} != intermediate_size="
-         f"{m.intermediate_size}; our shared expert is a full FFN")
-  by_size = {n: name for name, n in languages.NUM_EXPERTS.items()}
-  if n_exp in by_size:
-    e.expert_map = by_size[n_exp]
-  elif e.routing != "topk":
-    need(False, f"language routing with num_experts={n_exp}: no expert map of that size "
-                f"({languages.NUM_EXPERTS})")
-  return c
-
-
-def apply_overrides(config, overrides):
-  """{'moe.expert_multiple': 8, 'model.dtype': 'bfloat16'} -> config (a copy)."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  for key, val in (overrides or {}).items():
-    node, parts = c, key.split(".")
-    for p in parts[:-1]:
-      node = node[p]
-    if parts[-1] not in node:
-      raise ValueError(f"unknown config field {key!r}")
-    node[parts[-1]] = val
-  return c
-
+from apollo_jax.hf.safetensors import read_safetensors
 
 # ------------------------------------------------------------------------------------ safetensors
 
@@ -317,56 +196,6 @@ def from_pretrained(hf_dir, config_overrides=None):
   """(module, params): `module.apply({'params': params}, input_ids)` gives the HF logits."""
   config, params = load_pretrained(hf_dir, config_overrides)
   return build_model(config), params
-
-
-# ------------------------------------------------------------------------------------- upcycling
-
-def check_same_model(a, b, what_a="source", what_b="target"):
-  """Model dimensions must agree (dtype / remat / scan_layers may differ)."""
-  diff = {k: (a.model[k], b.model[k]) for k in MODEL_DIMS if a.model[k] != b.model[k]}
-  if diff:
-    raise ValueError(f"model dimensions differ, {{field: ({what_a}, {what_b})}}: {diff}")
-
-
-def upcycle(dense_params, dense_config, moe_config, rng) -> dict:
-  """Dense params -> Post-MoE params (SPEC §2.5): experts = copies of the dense FFN, router N(0, std).
-
-  Everything the two models share is copied unchanged; padded experts are zero; a shared expert
-  (if configured) is another copy of the FFN with its gate N(0, init_std). Not function-preserving
-  (the chosen experts' un-normalised probabilities scale the FFN output), exactly as the original.
-  """
-  check_same_model(dense_config, moe_config, "dense config", "MoE config")
-  top, layers = split_layers(jax.tree.map(np.asarray, dense_params), dense_config)
-  src_moe = set(cfg.moe_layer_indices(dense_config.moe.layers, dense_config.model.num_layers))
-  dst_moe = set(cfg.moe_layer_indices(moe_config.moe.layers, moe_config.model.num_layers))
-  n, n_pad = moe_config.moe.num_experts, cfg.padded_num_experts(moe_config)
-  h = moe_config.model.hidden_size
-  out = []
-  for i, layer in enumerate(layers):
-    if i in src_moe:
-      if i not in dst_moe:
-        raise ValueError(f"layer {i} is MoE in the source config but dense in the target")
-      out.append(layer)          # already MoE: copied as is (finish_tree checks the shapes)
-      continue
-    if i not in dst_moe:
-      out.append(layer)
-      continue
-    ffn = layer["mlp"]
-    rng, k_router, k_shared = jax.random.split(rng, 3)
-
-    def experts(w):
-      return np.concatenate([np.broadcast_to(w, (n,) + w.shape),
-                             np.zeros((n_pad - n,) + w.shape, np.float32)]).astype(np.float32)
-
-    router = np.asarray(jax.random.normal(k_router, (h, n), jnp.float32)) * moe_config.moe.router_init_std
-    mlp = {"gate": {"kernel": router},
-           "experts": {k: experts(ffn[k]["kernel"]) for k in ("gate_proj", "up_proj", "down_proj")}}
-    if moe_config.moe.shared_expert:
-      mlp["shared_expert"] = jax.tree.map(np.copy, ffn)
-      gate = np.asarray(jax.random.normal(k_shared, (h, 1), jnp.float32)) * moe_config.model.init_std
-      mlp["shared_expert_gate"] = {"kernel": gate}
-    out.append({**layer, "mlp": mlp})
-  return finish_tree(join_layers(top, out, moe_config), moe_config, "upcycled params")
 
 
 # -------------------------------------------------------------------------------- Orbax params io

@@ -81,7 +81,7 @@ def tokenizer_path(workdir: str, config):
 
 def checkpoint_steps(workdir: str) -> list:
   """Steps of the complete checkpoints, ascending. Orbax writes a step under
-  `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` only at commit (checkpoint.py)."""
+  `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` only at commit (training/checkpoint.py)."""
   d = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(d):
     return []

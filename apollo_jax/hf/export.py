@@ -4,7 +4,7 @@ Post-MoE -> `Qwen2MoeForCausalLM` (`mlp_only_layers` = the dense layers, `num_ex
 experts: padded experts are dropped, `moe_intermediate_size = intermediate_size`, no shared
 expert: `shared_expert_intermediate_size=0` plus the zero-size shared-expert tensors and a zero
 `shared_expert_gate`, which transformers and vLLM build unconditionally); dense ->
-`Qwen2ForCausalLM`. Weights are the inverse of hf.params_from_hf (per-expert legacy key names,
+`Qwen2ForCausalLM`. Weights are the inverse of hf_load.params_from_hf (per-expert legacy key names,
 what `save_pretrained` writes; torch [out, in] layout), so `convert_from_hf` of an export gives
 back identical params. Tied embeddings store no lm_head, as HF does.
 
@@ -22,8 +22,11 @@ import jax
 import numpy as np
 
 from apollo_jax import config as cfg
-from apollo_jax import hf, languages, params as params_lib, tokenizer_export
-from apollo_jax.safetensors_np import write_safetensors
+from apollo_jax import languages
+from apollo_jax.hf import load as hf_load
+from apollo_jax.hf import tokenizer as tokenizer_export
+from apollo_jax.model.size import count_params
+from apollo_jax.hf.safetensors import write_safetensors
 
 DTYPES = ("bfloat16", "float32")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -82,7 +85,7 @@ def hf_config(config, dtype, token_ids) -> dict:
 
 def state_dict(params, config) -> dict:
   """Our params -> {HF name: float32 numpy} in torch layout, in checkpoint order."""
-  top, layers = hf.split_layers(jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params),
+  top, layers = hf_load.split_layers(jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params),
                                 config)
   H, E = config.model.hidden_size, config.moe.num_experts
   moe = set(moe_layers(config))
@@ -176,7 +179,7 @@ def model_card(lm, dtype, force_topk=False) -> str:
   c = lm.config
   m, e = c.model, c.moe
   moe = moe_layers(c)
-  counts = params_lib.count_params(c)
+  counts = count_params(c)
   arch = "Qwen2MoeForCausalLM" if moe else "Qwen2ForCausalLM"
   lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
            "tags: [medical, multilingual, mixture-of-experts, apollo-moe, apollo_jax]",

@@ -24,8 +24,12 @@ import numpy as np
 from absl import logging
 
 from apollo_jax import config as cfg
-from apollo_jax import decoding, hf, languages, sharding
-from apollo_jax import workdir as workdir_io
+from apollo_jax import languages
+from apollo_jax.inference import decoding
+from apollo_jax.hf import config as hf_config
+from apollo_jax.hf import load as hf_load
+from apollo_jax.runtime import sharding
+from apollo_jax.runtime import workdir as workdir_io
 from apollo_jax.data import chat as chat_lib
 from apollo_jax.data.tokenizer import HFTokenizer, load_tokenizer
 from apollo_jax.model.transformer import build_model, unbox
@@ -299,7 +303,7 @@ def _place(config, params, devices=None, mesh=None):
   config = ml_collections.ConfigDict(config.to_dict())
   config.moe.expert_multiple = 0               # follow the inference mesh's expert axis
   mesh_, config = choose_mesh(config, devices, mesh)
-  params = hf.repad_experts(jax.tree.map(lambda x: np.asarray(x, np.float32), params), config)
+  params = hf_load.repad_experts(jax.tree.map(lambda x: np.asarray(x, np.float32), params), config)
   _, shardings = _abstract(config, mesh_)
   return mesh_, config, jax.device_put(params, shardings)
 
@@ -325,15 +329,15 @@ def load(path, step=None, tokenizer=None, dtype=None, devices=None, mesh=None) -
     tok_path = workdir_io.tokenizer_path(path, config)
     tok = load_tokenizer(tok_path, config.data.eos_token) if tok_path else None
   elif kind == "converted":
-    params, meta = hf.load_params(path)
+    params, meta = hf_load.load_params(path)
     config = cfg.base_config()
     config.model.update(meta["model"])
     config.moe.update(meta["moe"])
     config = inference_config(config)
   else:
-    hf_config = hf.read_hf_config(path)
-    config = inference_config(hf.config_from_hf(hf_config))
-    config.model.max_position_embeddings = int(hf_config.get("max_position_embeddings", 32768))
+    hf_json = hf_config.read_hf_config(path)
+    config = inference_config(hf_config.config_from_hf(hf_json))
+    config.model.max_position_embeddings = int(hf_json.get("max_position_embeddings", 32768))
     tok, eos = _hf_tokenizer(path), _hf_eos(path)
   if dtype is not None:
     config.model.dtype = dtype
@@ -349,7 +353,7 @@ def load(path, step=None, tokenizer=None, dtype=None, devices=None, mesh=None) -
     params = workdir_io.restore_params(path, step, target)
   else:
     if kind == "hf":
-      params = hf.params_from_hf(hf.load_hf_state(path), config)
+      params = hf_load.params_from_hf(hf_load.load_hf_state(path), config)
     mesh_, config, params = _place(config, params, devices, mesh)
   logging.info("loaded %s (%s%s) on mesh %s", path, kind, f", step {step}" if kind == "workdir" else "",
                dict(mesh_.shape))

@@ -21,7 +21,11 @@ import jax
 import numpy as np
 from etils import epath
 
-from apollo_jax import checkpoint, config as cfg, hf
+from apollo_jax import config as cfg
+from apollo_jax.training import checkpoint
+from apollo_jax.hf import config as hf_config
+from apollo_jax.hf import load as hf_load
+from apollo_jax.hf.upcycle import upcycle
 
 SAMPLE_TOKENIZER = "data/sample/tokenizer.model"     # base_config's default: the demo's tokenizer
 
@@ -112,7 +116,7 @@ def load_params(config, abstract_params, param_shardings):
   path = config.init_from
   if init_kind(path) == "orbax":
     meta = json.loads((epath.Path(path) / "model_config.json").read_text())
-    hf.check_saved_config(meta, config)
+    hf_load.check_saved_config(meta, config)
     params_dir = str(epath.Path(path) / "params")
     return checkpoint.restore_onto(params_dir, abstract_params, param_shardings)
   host = hf_params(path, config)
@@ -121,15 +125,15 @@ def load_params(config, abstract_params, param_shardings):
 
 def hf_params(path, config):
   """HF dir -> host float32 params of `config`'s model (upcycled when the dir is dense)."""
-  src = hf.config_from_hf(hf.read_hf_config(path), base=config)
-  hf.check_same_model(src, config, f"--config.init_from={path}", "this config")
-  state = hf.load_hf_state(path)
+  src = hf_config.config_from_hf(hf_config.read_hf_config(path), base=config)
+  hf_config.check_same_model(src, config, f"--config.init_from={path}", "this config")
+  state = hf_load.load_hf_state(path)
   if not cfg.moe_layer_indices(src.moe.layers, src.model.num_layers) and \
       cfg.moe_layer_indices(config.moe.layers, config.model.num_layers):
-    params = hf.params_from_hf(state, src)
-    return hf.upcycle(params, src, config, jax.random.key(config.seed))
-  hf.check_saved_config({"model": src.model.to_dict(), "moe": src.moe.to_dict()}, config)
-  return hf.params_from_hf(state, config)
+    params = hf_load.params_from_hf(state, src)
+    return upcycle(params, src, config, jax.random.key(config.seed))
+  hf_load.check_saved_config({"model": src.model.to_dict(), "moe": src.moe.to_dict()}, config)
+  return hf_load.params_from_hf(state, config)
 
 
 def _place(x, sharding):

@@ -1,0 +1,1 @@
+"""Routing analysis: expert choices counted per language and family, specialization, plots."""

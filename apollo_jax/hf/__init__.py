@@ -1,0 +1,1 @@
+"""Hugging Face interop: config mapping, checkpoint import, upcycling, export, safetensors, tokenizer."""

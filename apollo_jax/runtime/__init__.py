@@ -1,0 +1,1 @@
+"""Runtime plumbing: mesh and sharding, the command-line wrapper, workdir files, multi-process start-up."""

@@ -1,0 +1,1 @@
+"""Training: the step, the loop, optimizer, loss, checkpoints, initialisation, metrics, memory plan."""
