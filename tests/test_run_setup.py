@@ -101,9 +101,13 @@ def test_train_from_dense_hf_dir_one_command(hf_dense, data, jit_cache, tmp_path
 def test_init_kind_and_hf_mismatch_errors(hf_dense, tmp_path):
   hf_dir, _ = hf_dense
   assert setup.init_kind(hf_dir) == "hf"
-  with pytest.raises(FileNotFoundError, match="does not exist: expected an HF checkpoint dir"):
+  with pytest.raises(FileNotFoundError, match="init_from .* does not exist: expected a convert_from_hf output dir"):
     setup.init_kind(str(tmp_path / "nope"))
-  with pytest.raises(FileNotFoundError, match="is neither kind"):
+  with pytest.raises(FileNotFoundError, match="is not a model dir: expected"):
+    setup.init_kind(str(tmp_path))
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "config.json").write_text('{"model": {}, "moe": {}}')
+  with pytest.raises(FileNotFoundError, match="is a training workdir .*; expected a convert_from_hf"):
     setup.init_kind(str(tmp_path))
   with pytest.raises(ValueError, match=r"model dimensions differ.*hidden_size.*\(64, 32\)"):
     setup.hf_params(hf_dir, _config(model__hidden_size=32))

@@ -252,29 +252,6 @@ def _target_logprobs(logits, ids):
 
 # ----------------------------------------------------------------------------------------- load
 
-def kind_of(path: str) -> str:
-  """'workdir' | 'converted' | 'hf', or a clear error."""
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"model path {path!r} does not exist (expected a training workdir, a "
-                            "convert_from_hf output dir or an HF checkpoint dir)")
-  if workdir_io.is_workdir(path):
-    return "workdir"
-  if os.path.isfile(os.path.join(path, "model_config.json")) and os.path.isdir(os.path.join(path, "params")):
-    return "converted"
-  if os.path.isfile(os.path.join(path, "config.json")):
-    with open(os.path.join(path, "config.json")) as f:
-      c = json.load(f)
-    if "model" in c and "moe" in c:
-      raise FileNotFoundError(f"{path} has a training config.json but no checkpoints/ dir: nothing "
-                              "was trained (or saved) there yet")
-    return "hf"
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    raise FileNotFoundError(f"{path}: checkpoints/ but no config.json (runs from before config.json "
-                            "existed: rerun the same train command to resume, which writes it)")
-  raise FileNotFoundError(f"{path} is not a model dir: no config.json (workdir / HF dir) and no "
-                          "model_config.json + params/ (convert_from_hf output)")
-
-
 def _hf_tokenizer(path):
   if not os.path.isfile(os.path.join(path, "tokenizer.json")):
     return None
@@ -313,7 +290,7 @@ def load(path, step=None, tokenizer=None, dtype=None, devices=None, mesh=None) -
   complete one); `tokenizer`: a path or tokenizer object (default: the model's own); `dtype`:
   compute dtype override ('float32' | 'bfloat16'); `devices` / `mesh` (dict of axis sizes)."""
   path = os.fspath(path)
-  kind = kind_of(path)
+  kind = workdir_io.model_dir_kind(path)
   tok, eos = None, None
   if kind == "workdir":
     config = workdir_io.read_config(path)

@@ -42,6 +42,42 @@ def is_workdir(path: str) -> bool:
   return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isdir(os.path.join(path, "checkpoints"))
 
 
+# The three kinds of model directory, and what makes one: the single classifier behind
+# inference.load (--model of every command) and --config.init_from.
+MODEL_DIRS = {
+    "workdir": "a training workdir (config.json + checkpoints/)",
+    "converted": "a convert_from_hf output dir (params/ + model_config.json)",
+    "hf": "an HF checkpoint dir (config.json + model.safetensors)",
+}
+
+
+def model_dir_kind(path: str, allowed=tuple(MODEL_DIRS), flag: str = "model path") -> str:
+  """'workdir' | 'converted' | 'hf' for `path` (local or gs://), or a FileNotFoundError that
+  says what `path` holds and which of the `allowed` kinds `flag` expects."""
+  expected = "expected " + " or ".join(MODEL_DIRS[k] for k in allowed)
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"{flag} {path!r} does not exist: {expected}")
+  if (p / CONFIG).exists() and (p / "checkpoints").is_dir():
+    kind = "workdir"
+  elif (p / "params").exists() and (p / "model_config.json").exists():
+    kind = "converted"
+  elif (p / CONFIG).exists():
+    c = json.loads((p / CONFIG).read_text())
+    if "model" in c and "moe" in c:        # our training config.json, but no checkpoints/ yet
+      raise FileNotFoundError(f"{flag} {path} has a training config.json but no checkpoints/ dir: "
+                              f"nothing was trained (or saved) there yet; {expected}")
+    kind = "hf"
+  elif (p / "checkpoints").is_dir():
+    raise FileNotFoundError(f"{flag} {path}: checkpoints/ but no config.json (runs from before "
+                            "config.json existed: rerun the same train command to resume, which writes it)")
+  else:
+    raise FileNotFoundError(f"{flag} {path} is not a model dir: {expected}")
+  if kind not in allowed:
+    raise FileNotFoundError(f"{flag} {path} is {MODEL_DIRS[kind]}; {expected}")
+  return kind
+
+
 def _merge(base, saved):
   for key, value in saved.items():
     if isinstance(value, dict) and isinstance(base.get(key), ml_collections.ConfigDict):

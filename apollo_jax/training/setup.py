@@ -22,6 +22,7 @@ import numpy as np
 from etils import epath
 
 from apollo_jax import config as cfg
+from apollo_jax.runtime import workdir as workdir_io
 from apollo_jax.training import checkpoint
 from apollo_jax.hf import config as hf_config
 from apollo_jax.hf import load as hf_load
@@ -31,18 +32,8 @@ SAMPLE_TOKENIZER = "data/sample/tokenizer.model"     # base_config's default: th
 
 
 def init_kind(path: str) -> str:
-  """'orbax' (convert_from_hf output) or 'hf' (config.json + safetensors); a clear error otherwise."""
-  p = epath.Path(path)
-  if (p / "params").exists() and (p / "model_config.json").exists():
-    return "orbax"
-  if (p / "config.json").exists():
-    return "hf"
-  what = "does not exist" if not p.exists() else "is neither kind"
-  raise FileNotFoundError(
-      f"--config.init_from={path} {what}: expected an HF checkpoint dir (config.json + "
-      "model.safetensors, e.g. from `hf download Qwen/Qwen2-0.5B --local-dir DIR`) or "
-      "an Orbax params dir written by `python -m apollo_jax.convert_from_hf` (params/ + "
-      "model_config.json)")
+  """'converted' (convert_from_hf output) or 'hf' (config.json + safetensors); a clear error otherwise."""
+  return workdir_io.model_dir_kind(path, ("converted", "hf"), "--config.init_from")
 
 
 def resolve_tokenizer(config):
@@ -114,7 +105,7 @@ def _say(msg):
 def load_params(config, abstract_params, param_shardings):
   """init_from's params, placed on `param_shardings` (the shapes of `abstract_params`)."""
   path = config.init_from
-  if init_kind(path) == "orbax":
+  if init_kind(path) == "converted":
     meta = json.loads((epath.Path(path) / "model_config.json").read_text())
     hf_load.check_saved_config(meta, config)
     params_dir = str(epath.Path(path) / "params")
