@@ -18,7 +18,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
 from apollo_jax import inference, languages
 from apollo_jax.analysis import routing_stats
@@ -142,13 +142,8 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv
   F = flags.FLAGS
-  if not F.model or not F.out:
-    raise app.UsageError("--model=PATH and --out=DIR are required")
-  if not F["verbosity"].present:   # Orbax logs every restore at INFO
-    logging.set_verbosity(logging.WARNING)
   lm = inference.load(F.model, step=F.step)
   if lm.tokenizer is None:
     raise ValueError(f"{F.model} has no tokenizer to encode --data with")
@@ -164,4 +159,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main)
+  cli.run(main, required=("model", "out"))

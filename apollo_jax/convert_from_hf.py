@@ -11,7 +11,7 @@ dtype. Writes OUT/params (Orbax) and OUT/model_config.json.
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from apollo_jax import config as cfg
@@ -66,11 +66,9 @@ def convert(hf_dir, out, config=None, upcycle=False):
 
 def main(argv):
   del argv
-  if not FLAGS.hf_dir or not FLAGS.out:
-    raise app.UsageError("--hf_dir and --out are required")
   convert(FLAGS.hf_dir, FLAGS.out, FLAGS.config, FLAGS.upcycle)
 
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main)
+  cli.run(main, required=("hf_dir", "out"))

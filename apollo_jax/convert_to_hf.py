@@ -9,7 +9,7 @@ with an index above --max_shard_size), config.json, generation_config.json, toke
 the chat template, and a README.md model card. See apollo_jax/hf/export.py for the format.
 """
 
-from absl import app, flags
+from absl import flags
 
 
 def define_flags():
@@ -39,11 +39,8 @@ def convert(model, out, dtype="bfloat16", max_shard_size="5GB", step=None, token
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv
   f = flags.FLAGS
-  if not f.model or not f.out:
-    raise app.UsageError("--model and --out are required")
   files = convert(f.model, f.out, f.dtype, f.max_shard_size, f.step, f.tokenizer, f.force_topk)
   print(f"wrote {f.out}: {', '.join(files)}")
 
@@ -51,4 +48,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   from apollo_jax.runtime import cli
-  cli.run(main)
+  cli.run(main, required=("model", "out"))

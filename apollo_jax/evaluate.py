@@ -11,7 +11,7 @@ OUT/per_language.png.
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 
 FLAGS = flags.FLAGS
 
@@ -42,13 +42,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  for name in ("model", "out"):
-    if not FLAGS[name].value:
-      raise app.UsageError(f"--{name} is required")
-  if not FLAGS["verbosity"].present:     # Orbax logs every restore at INFO; keep the bar readable
-    logging.set_verbosity(logging.WARNING)
+  del argv
   from apollo_jax import evaluation, inference
   lm = inference.load(FLAGS.model, step=FLAGS.step, tokenizer=FLAGS.tokenizer)
   _, scores = evaluation.evaluate(
@@ -69,4 +63,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   from apollo_jax.runtime import cli
-  cli.run(main)
+  cli.run(main, required=("model", "out"))

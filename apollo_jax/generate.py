@@ -68,11 +68,10 @@ def run(lm, items, chat=False, progress=None, **kwargs):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv
   f = flags.FLAGS
-  if not f.model or (f.prompt is None) == (f.prompts is None):
-    raise app.UsageError("--model and exactly one of --prompt / --prompts are required")
+  if (f.prompt is None) == (f.prompts is None):
+    raise app.UsageError("exactly one of --prompt / --prompts is required")
   items = [{"prompt": f.prompt}] if f.prompt is not None else read_prompts(f.prompts)
   from apollo_jax import inference
   lm = inference.load(f.model, step=f.step)
@@ -98,4 +97,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   from apollo_jax.runtime import cli
-  cli.run(main)
+  cli.run(main, required=("model",))

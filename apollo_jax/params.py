@@ -23,4 +23,4 @@ def main(argv):
 
 if __name__ == "__main__":   # flags defined only here, so importing this module never clashes
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/apollo_moe_7b.py[:args].")
-  cli.run(main)
+  cli.run(main, required=("config",))

@@ -80,4 +80,4 @@ if __name__ == "__main__":   # flags defined only here, so importing this module
   flags.DEFINE_float("budget_gb", 0.0, "memory budget per device in GB (0: config.device_memory_gb, "
                                        "else the device's own, else 80)")
   from apollo_jax.runtime import cli
-  cli.run(main)
+  cli.run(main, required=("config",))

@@ -1,7 +1,7 @@
 """Training curves of a workdir as PNGs: `python -m apollo_jax.plot --workdir=DIR [--out=DIR]`
 (what is drawn: apollo_jax/analysis/plots.py)."""
 
-from absl import app, flags
+from absl import flags
 
 from apollo_jax.analysis import plots
 
@@ -12,10 +12,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
+  del argv
   paths = plots.training_curves(flags.FLAGS.workdir, flags.FLAGS.out)
   print("\n".join(paths))
 
@@ -23,4 +20,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   from apollo_jax.runtime import cli
-  cli.run(main)
+  cli.run(main, required=("workdir",))

@@ -15,7 +15,7 @@ import sys
 import time
 
 import jax
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from apollo_jax.runtime import cli
@@ -31,15 +31,8 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  if not workdir:
-    raise app.UsageError("--workdir is required")
-  if config is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
-  if not flags.FLAGS["verbosity"].present:   # Orbax logs every save at INFO; keep the bar readable
-    logging.set_verbosity(logging.WARNING)
   maybe_initialize_distributed()
   t = time.time()
   try:
@@ -58,4 +51,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main)
+  cli.run(main, required=("config", "workdir"))

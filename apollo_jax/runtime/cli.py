@@ -1,8 +1,9 @@
-"""One way for the command-line tools to fail: a user-caused error is one paragraph, no traceback.
+"""The commands' shared prologue, and one way for them to fail: a user-caused error is one
+paragraph, no traceback.
 
   if __name__ == "__main__":
     define_flags()
-    cli.run(main)
+    cli.run(main, required=("model", "out"))
 
 User-caused errors are ValueError (bad config, mismatched checkpoint, bad record) and OSError
 (missing file, bad path); they print `ERROR: <message>` on stderr and exit with status 1.
@@ -12,7 +13,7 @@ User-caused errors are ValueError (bad config, mismatched checkpoint, bad record
 import re
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 USER_ERRORS = (ValueError, OSError)
 
@@ -60,7 +61,21 @@ def parse_flags(argv, flag_values=flags.FLAGS):
     sys.exit(1)
 
 
-def run(main):
-  """absl app.run(main) plus the --debug flag and the user-error guard."""
+def run(main, required=()):
+  """absl app.run(main) with the prologue every command shares: no positional arguments, every
+  flag in `required` set, Orbax's per-save INFO logs hidden unless --verbosity is given; plus the
+  --debug flag and the user-error guard."""
   flags.DEFINE_bool("debug", False, "show the full traceback of user errors (bad config, missing file)")
-  app.run(guard(main), flags_parser=parse_flags)
+
+  def prologue(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    missing = [f"--{name}" for name in required if flags.FLAGS[name].value in (None, "")]
+    if missing:
+      raise app.UsageError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required "
+                           "(--help lists every flag)")
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    return main(argv)
+
+  app.run(guard(prologue), flags_parser=parse_flags)
