@@ -30,7 +30,7 @@ from apollo_jax.data import chat, records, stream_json
 from apollo_jax.evaluation import bench
 from apollo_jax.model import transformer
 
-# Benchmark ids of the major languages (SPEC §7.2); other sources end in "-<code>" / "_<code>".
+# Major-language benchmark ids are listed in evaluation/bench.py; other sources end in "-<code>" / "_<code>".
 def bench_language(source: str) -> int:
   """Language index of an ApolloMoEBench source id ('headqa' -> es, 'mmlu-medical-ar' -> ar)."""
   return languages.index(bench.source_language(source))

@@ -21,12 +21,12 @@ ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn")
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.seed = 42                        # params init, dropout-free training RNG (SPEC §6.2: 42)
+  c.seed = 42                        # params init, dropout-free training RNG (the original trains with 42)
 
   c.model = m = ml_collections.ConfigDict()
   m.vocab_size = 151936
   m.hidden_size = 896
-  m.intermediate_size = 4864         # every expert is a full FFN of this width (SPEC §2.4)
+  m.intermediate_size = 4864         # every expert is a full FFN of this width, as the original
   m.num_layers = 24
   m.num_heads = 14
   m.num_kv_heads = 2
@@ -38,15 +38,15 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"                # compute dtype ("bfloat16" on TPU/GPU); params stay float32
   m.remat = "none"                   # none | full | dots (save matmul outputs) per decoder layer
   m.scan_layers = True               # scan each run of consecutive dense layers (fast compiles)
-  # Attention kernel (issue 8; model/attention.py): auto | xla | blocked | cudnn. auto = blocked
+  # Attention kernel (model/attention.py): auto | xla | blocked | cudnn. auto = blocked
   # (skips fully masked causal tiles) on CPU, xla elsewhere; cudnn = GPU flash attention, only
   # with data.packing="causal" (it takes no segment ids; a clear error otherwise).
   m.attention = "auto"
-  # Inference and HF export (issue 6): the longest prompt + generation accepted (HF config field).
+  # Inference and HF export: the longest prompt + generation accepted (HF config field).
   m.max_position_embeddings = 32768
 
   c.moe = e = ml_collections.ConfigDict()
-  # MoE implementation (issue 8; model/moe.py): "dropless" = every top-k assignment computed, as
+  # MoE implementation (model/moe.py): "dropless" = every top-k assignment computed, as
   # the original (sorted grouped matmul, no capacity: capacity_factor/group_size unused);
   # "capacity" = GShard slots per group with drops (capacity_factor, group_size below).
   e.impl = "dropless"
@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.expert_multiple = 0              # pad E to a multiple of this (0: the mesh's expert axis size)
   e.aux_loss_weight = 0.0            # Switch load-balancing loss coefficient (paper: 0)
   e.z_loss_weight = 0.0              # router z-loss coefficient (paper: 0)
-  e.router_init_std = 0.02           # N(0, 0.02), as HF / upcycling (SPEC §2.5)
+  e.router_init_std = 0.02           # N(0, 0.02): HF's default init, kept by the original's upcycling
   e.analysis = False                 # also sow each token's chosen experts
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1))  # one -1 = fill
@@ -79,12 +79,12 @@ def base_config() -> ml_collections.ConfigDict:
   d.eos_token = ""                   # tokenizer.json EOS when it has no <|endoftext|> (e.g. "<eos>")
   d.seq_len = 4096
   d.packing = "segment"              # segment: no attention across packed samples; causal: original
-  d.order_seed = 3407                # priority-weighted ordering (SPEC §5.4)
-  d.priorities = ""                  # "" : SPEC §5.4 defaults; else "key_prefix=prio:repeat,..."
+  d.order_seed = 3407                # priority-weighted ordering; 3407 is the original's seed
+  d.priorities = ""                  # "" : defaults of data/mixture.py; else "key_prefix=prio:repeat,..."
   d.skip_bad_records = False
   d.num_workers = 0                  # grain worker processes
   d.cache_dir = ""                   # "" : <workdir>/data_cache (local or gs://..., any etils epath)
-  # Pre-tokenised cache (issue 9): the corpus is tokenised once, at build time.
+  # Pre-tokenised cache: the corpus is tokenised once, at build time.
   d.build_workers = 0                # processes tokenising at build time (0: every CPU of the host)
 
   # Training loop (top level: the names users type most, e.g. --config.steps=200).
@@ -106,9 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.device_memory_gb = 0.0           # plan budget per device; 0: the device's own (80 on CPU)
 
   c.optim = o = ml_collections.ConfigDict()
-  o.lr = 1e-4                        # Apollo-MoE-0.5B (SPEC §6.1)
+  o.lr = 1e-4                        # the released Apollo-MoE-0.5B run's peak lr
   o.warmup_ratio = 0.03
-  o.horizon = 1.35                   # cosine spans horizon * steps: final lr ~0.17 peak (SPEC §6.2)
+  o.horizon = 1.35                   # cosine spans horizon * steps: final lr ~0.17 peak (original)
   o.weight_decay = 0.1               # biases excluded, norms decayed (as the original)
   o.b1 = 0.9
   o.b2 = 0.999
@@ -180,7 +180,7 @@ def apply_moe_args(config, args):
   config.moe.layers = args["moe_layers"].replace(";", ",")
   config.moe.expert_map = args["expert_map"]
   config.moe.num_experts = languages.NUM_EXPERTS[args["expert_map"]]
-  if args["routing"] == "language":      # language-specific baseline: top-1 + shared (SPEC §3.3)
+  if args["routing"] == "language":      # language-specific baseline: top-1 + shared (docs/original.md)
     config.moe.top_k = 1
     config.moe.shared_expert = True
   return config

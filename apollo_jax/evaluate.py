@@ -1,4 +1,4 @@
-"""Evaluate a model on ApolloMoEBench in 50 languages (SPEC §7):
+"""Evaluate a model on ApolloMoEBench in 50 languages (the original's protocol, docs/original.md, Evaluation):
 
   python -m apollo_jax.evaluate --model=runs/tiny --bench=data/sample/apollo_moe_bench_sample.json \\
       --out=runs/tiny/eval [--mode=generate|loglik|both] [--shots=3] [--limit=N] [--languages=en,zh]

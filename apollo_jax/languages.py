@@ -3,7 +3,7 @@
 Data always carries a language *index* (0..49, the order of `CODES`); the model maps it to an
 expert with one of the constant tables in `EXPERT_MAPS`, so one dataset serves every variant.
 
-The family grouping and its labels are the original's (SPEC §4.3), kept verbatim because the
+The family grouping and its labels are the original's (docs/original.md, Languages), kept verbatim because the
 released checkpoints were trained with them. Its oddities, documented rather than "fixed":
   * `ne` (Nepali) sits in "Altaic"; the paper's Table 3 prints it "Mongolian (Ne)" and the HF
     dataset tags use `mn` where the data keys say `ne`;
@@ -16,7 +16,7 @@ import numpy as np
 
 # code: (English name, family index, tier)
 _TABLE = {
-    # 12 major (high-resource) languages, SPEC §4.1
+    # 12 major (high-resource) languages
     "en": ("English", 4, "major"),
     "zh": ("Chinese", 0, "major"),
     "fr": ("French", 4, "major"),
@@ -29,7 +29,7 @@ _TABLE = {
     "de": ("German", 4, "major"),
     "it": ("Italian", 4, "major"),
     "pt": ("Portuguese", 4, "major"),
-    # 38 minor (low-resource) languages, SPEC §4.2 (the `language_family` list)
+    # 38 minor (low-resource) languages (the original's `language_family` list)
     "ckb": ("Central Kurdish", 5, "minor"),
     "mg": ("Malagasy", 3, "minor"),
     "gn": ("Guarani", 4, "minor"),
@@ -78,7 +78,7 @@ CODES = tuple(_TABLE)                      # index i <-> CODES[i]; data stores t
 MAJOR = tuple(c for c in CODES if _TABLE[c][2] == "major")
 MINOR = tuple(c for c in CODES if _TABLE[c][2] == "minor")
 NAMES = {c: v[0] for c, v in _TABLE.items()}
-# The 12-expert runs number the major languages alphabetically (SPEC §4.4).
+# The original's 12-expert runs number the major languages alphabetically.
 MAJOR_ALPHABETICAL = tuple(sorted(MAJOR))
 
 _INDEX = {c: i for i, c in enumerate(CODES)}
@@ -126,7 +126,7 @@ def expert_map(name: str) -> np.ndarray:
 
 
 def language_of_source(source: str) -> str:
-  """Language code of an ApolloMoEDataset source key: its second `_` field (SPEC §4.5).
+  """Language code of an ApolloMoEDataset source key: its second `_` field, as the original.
 
   'medicalBook_en_qa' -> 'en', 'general_ckb' -> 'ckb', 'code_zh' -> 'zh'.
   """

@@ -33,7 +33,7 @@ from apollo_jax.data import pipeline, records, token_cache  # noqa: E402
 from apollo_jax.data import tokenizer as tok_lib  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORPUS_TOKENS = 2.5e9                 # ApolloMoEDataset major languages (SPEC §5.1)
+CORPUS_TOKENS = 2.5e9                 # ApolloMoEDataset major languages (paper)
 
 
 def generate(path, n, seed=0):

@@ -1,4 +1,4 @@
-"""Apollo-MoE-0.5B: Qwen2-0.5B upcycled, 7 family experts in the last 2 layers (SPEC §2.2, §6.1).
+"""Apollo-MoE-0.5B: Qwen2-0.5B upcycled, 7 family experts in the last 2 layers (the released model).
 
 650,938,496 parameters, 520,194,176 active per token. Recipe of the released run: lr 1e-4,
 32 packed rows x 4096 tokens per step, warmup 3 %, cosine over 1.35 x the run, bf16.

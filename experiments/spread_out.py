@@ -1,4 +1,5 @@
-""""Spread Out in the End" at small scale (SPEC §8): is routing more language-specific in later layers?
+""""Spread Out in the End" (docs/original.md, Routing analysis) at small scale: is routing more
+language-specific in later layers?
 
 Trains the tiny config with MoE in EVERY layer under Hybrid-k (family7, major12) and a plain top-k
 baseline on the shipped sample, analyses each model's inference routing (plain top-k) on the

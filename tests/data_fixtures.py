@@ -14,7 +14,7 @@ WORDS = {
     "ckb": "نەخۆش تا و کۆکە ئاو بخۆوە پشوو بدە پزیشک".split(),
     "sw": "mgonjwa ana homa na kikohozi kunywa maji pumzika daktari moyo".split(),
 }
-# (source key, number of conversations); priorities: *_qa 16, others 2 (SPEC §5.4)
+# (source key, number of conversations); priorities: *_qa 16, others 2 (data/mixture.py)
 SOURCES = [("medicalBook_en_qa", 14), ("medicalWiki_zh_qa", 10), ("medicalGuideline_fr_qa", 8),
            ("medicalExam_de", 8), ("general_en", 6), ("general_ckb", 6), ("medicalExam_sw", 6)]
 

@@ -1,4 +1,4 @@
-"""Data at real size (issue 9): streaming JSON parse with bounded memory, the pre-tokenised cache
+"""Data at real size: streaming JSON parse with bounded memory, the pre-tokenised cache
 (same batches as per-step tokenisation, parallel and concurrent builds, remote cache dirs),
 odd-length conversations, epochs, and an empty eval split."""
 
@@ -73,7 +73,7 @@ def test_cached_samples_equal_chat_encoder_on_the_text(env, tmp_path):
 
 
 def test_odd_length_conversations_as_the_original(env, tmp_path):
-  """SPEC §5.3: a conversation may end on a user turn; that turn's first token is labelled EOS
+  """As the original: a conversation may end on a user turn; that turn's first token is labelled EOS
   (after the previous answer), the rest of it is not trained, and the final EOS is."""
   convs = {"general_en": [["hi there?", "hello.", "and then?"], ["only a question?"]],
            "medicalBook_en_qa": [["q?", "a."]]}

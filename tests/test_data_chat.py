@@ -1,4 +1,5 @@
-"""Chat template and label masking (SPEC §5.2/§5.3), tokenizers (sentencepiece and HF tokenizer.json)."""
+"""Chat template and label masking (docs/original.md, Chat format and labels), tokenizers
+(sentencepiece and HF tokenizer.json)."""
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ def test_two_turn_pairs_exact_ids_targets_mask(tmp_path):
   ids, labels = chat.ChatEncoder(tok)(["hi?", "hello.", "fever?", "rest."])
   assert ids.tolist() == [5, 7, 10, 4, 6, 8, 12, 4, 5, 9, 10, 4, 6, 11, 12, 3]
   I = chat.IGNORE
-  # answers + final EOS are labels; the first token of the 2nd user turn is labelled EOS (SPEC §5.3)
+  # answers + final EOS are labels; the first token of the 2nd user turn is labelled EOS (as the original)
   assert labels.tolist() == [I, I, I, I, I, 8, 12, 3, I, I, I, I, I, 11, 12, 3]
   targets, mask = chat.shift(ids, labels, pad_id=0)
   assert targets.tolist() == [7, 10, 4, 6, 8, 12, 3, 5, 9, 10, 4, 6, 11, 12, 3, 0]
@@ -60,7 +61,7 @@ def test_sentencepiece_template_boundaries(tmp_path):
   assert tok.decode(ids) == chat.template_text(turns, eos_text="")
   assert ids[-1] == tok.eos_id
   # each trained span = one answer (never a piece of "Assistant:") + one EOS-labelled position:
-  # the last token, or the "\n" that opens the next user turn (SPEC §5.3)
+  # the last token, or the "\n" that opens the next user turn (as the original)
   trained = np.flatnonzero(labels != chat.IGNORE)
   spans = np.split(trained, np.flatnonzero(np.diff(trained) > 1) + 1)
   answers = turns[1::2]

@@ -1,4 +1,4 @@
-"""Mixture (SPEC §5.4): defaults, overrides, priority-proportional order. Packing (SPEC §5.5)."""
+"""Mixture (data/mixture.py): defaults, overrides, priority-proportional order. Packing (data/packing.py)."""
 
 import numpy as np
 import pytest

@@ -122,7 +122,7 @@ def test_epoch_contents_repeats_and_heldout_split(env):
   heldout = texts(list(data.eval_batches()), tok)
   assert len(heldout) == s["eval_samples"] == round(0.2 * 58) and len(set(heldout)) == len(heldout)
   assert not set(heldout) & set(epoch0)
-  # every training record appears `repeat` times per epoch (SPEC §5.4), eval records never
+  # every training record appears `repeat` times per epoch (data/mixture.py), eval records never
   expected = collections.Counter()
   for source, items in env.convs.items():
     for turns in items:

@@ -379,7 +379,7 @@ def test_generate_greedy_and_extracted(sample, templates):
   lm = FakeLM(response="\n(b) because ...")
   out = scoring.generate(lm, ps, max_new_tokens=17, batch_size=4, progress=False)
   assert [c[1] for c in lm.calls] == [4, 4, 2]              # full batches: few compiled shapes
-  assert all(c[0] == "generate" and c[2:] == (17, 0.0, 2) for c in lm.calls)   # min_new_tokens 2 (SPEC §7.4)
+  assert all(c[0] == "generate" and c[2:] == (17, 0.0, 2) for c in lm.calls)   # min_new_tokens 2 (original)
   assert all(o == {"response": "\n(b) because ...", "extracted": "B"} for o in out)
 
 

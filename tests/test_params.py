@@ -1,4 +1,4 @@
-"""`python -m apollo_jax.params` prints the exact released parameter counts (SPEC §2.7)."""
+"""`python -m apollo_jax.params` prints the exact released parameter counts (docs/original.md)."""
 
 import json
 import os
@@ -36,7 +36,7 @@ def test_dense_and_variants():
   assert count_params(load("apollo_moe_0p5b", "moe_layers=none")) == {
       "total_params": 494_032_768, "active_params": 494_032_768}          # Qwen2-0.5B
   c = load("apollo_moe_7b", "moe_layers=last:3")
-  assert count_params(c)["total_params"] == 11_282_037_760        # SPEC §2.7: 11.28 B
+  assert count_params(c)["total_params"] == 11_282_037_760        # last 3 layers MoE: 11.28 B
 
 
 def test_cli_prints_json():

@@ -111,7 +111,7 @@ def test_cli_on_the_0p5b_shape():
   text = out.stdout
   assert "2 devices, mesh {'data': 1, 'fsdp': 2, 'expert': 1, 'tensor': 1}" in text, text
   args = float(re.search(r"arguments ([\d.]+) GB", text).group(1))
-  np.testing.assert_allclose(args, 12 * 650_938_496 / 2 / 1e9, rtol=0.01)     # SPEC §2.7 total
+  np.testing.assert_allclose(args, 12 * 650_938_496 / 2 / 1e9, rtol=0.01)     # released 0.5B total
   ratio = float(re.search(r"-> ([\d.]+) x ideal", text).group(1))
   assert 1.0 < ratio < 1.6, text
   assert "(fits)" in text

@@ -1,7 +1,7 @@
 """Routing analysis: how each MoE layer spreads the tokens of each language over its experts.
 
-Counting (SPEC §8, with the original's padding bug fixed). Per MoE layer, per group (a language,
-or a language family), from each real token's top-k chosen experts:
+Counting (docs/original.md, Routing analysis, with the original's padding bug fixed). Per MoE
+layer, per group (a language, or a language family), from each real token's top-k chosen experts:
   * `fraction[g, e]` = assignments of group g's tokens to expert e / all of g's assignments. Every
     token contributes k assignments, so each row sums to 1 and one expert's maximum is 1/k (this
     is what the original plotted);

@@ -1,16 +1,16 @@
-"""Chat template and label masking (SPEC §5.2, §5.3).
+"""Chat template and label masking (docs/original.md, Chat format and labels).
 
 Text: `User:{q1}\nAssistant:{a1}\nUser:{q2}\nAssistant:{a2}<eos>` — no system prompt, no space
 after the colon. Token ids are built by tokenising the pieces separately,
   "User:"+q1 | "\nAssistant:" | a1 | "\nUser:"+q2 | "\nAssistant:" | a2 | <eos>
 so the prompt boundary can never merge into the answer's first token (the original tokenised
 "\nAssistant:"+answer together and masked a fixed prefix length, which is off by one whenever the
-colon merges with the answer; DESIGN §4 fixes this deliberately).
+colon merges with the answer; this is a deliberate fix).
 
 Labels (unshifted, one per id; IGNORE = not trained), as the original:
   * answer tokens and the final EOS are labels;
   * the FIRST position of every later user turn is labelled EOS: the model learns to emit EOS
-    after every answer, although the input stream continues with "\n" (SPEC §5.3);
+    after every answer, although the input stream continues with "\n";
   * everything else (user text, "\nAssistant:") is IGNORE.
 shift() then turns labels into next-token targets WITHIN the sample.
 """
@@ -37,7 +37,7 @@ class ChatEncoder:
         ids += piece
         labels += [IGNORE] * len(piece)
         if i and piece:
-          labels[-len(piece)] = self.eos      # EOS after the previous answer (SPEC §5.3)
+          labels[-len(piece)] = self.eos      # EOS after the previous answer
       else:                                 # assistant turn: prompt marker, then the answer
         ids += self._assistant
         labels += [IGNORE] * len(self._assistant)

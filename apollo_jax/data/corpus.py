@@ -3,7 +3,7 @@
 The cache (built once by token_cache.py) holds, per record, in file order:
   records.array_record  record i = int32 [language, source id] + int32 ids[n] + uint8 kind[n]
                         (kind 0: not trained, 1: label = the id, 2: label = EOS, the EOS label at
-                        the start of a later user turn, SPEC §5.3)
+                        the start of a later user turn, chat.py)
   meta.npz              lengths, languages, source_ids, source_names: packing plans need only these
   meta.json             build facts (num_records, tokens, bad records, eos_id); written last
 so the loader never tokenises: sample(i) is one random read and np.frombuffer.

@@ -1,6 +1,6 @@
-"""Source mixture: per-source priority and repeat count, priority-weighted order (SPEC §5.4).
+"""Source mixture: per-source priority and repeat count, priority-weighted order (docs/original.md, Mixture).
 
-Defaults (SPEC §5.4 table):
+Defaults (the original's table):
   * medical text-derived QA (`medicalBook|medicalGuideline|medicalPaper|medicalWeb|medicalWiki_*_qa`)
     of a major language: priority 16, repeat 1;
   * exams, patient dialogues, general, code, math (`medicalExam_*`, `medicalPatient_*`,
@@ -26,7 +26,7 @@ UNKNOWN_DEFAULT = (2.0, 1)
 
 
 def default_priority(source: str):
-  """(priority, repeat, known) of a source key under the SPEC §5.4 defaults (known=False: fallback)."""
+  """(priority, repeat, known) of a source key under the original's defaults (known=False: fallback)."""
   parts = source.split("_")
   name, lang = parts[0], parts[1] if len(parts) > 1 else ""
   if lang in languages.MINOR:

@@ -1,4 +1,4 @@
-"""Greedy in-order packing of tokenised samples into rows of seq_len (SPEC §5.5, DESIGN §4).
+"""Greedy in-order packing of tokenised samples into rows of seq_len (docs/original.md, Packing).
 
 The row plan is a pure function of the sample lengths, so the data order (and the iterator state)
 is fully described by (seed, epoch, row index). Differences from the original, on purpose:

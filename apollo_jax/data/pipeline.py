@@ -158,7 +158,7 @@ def _grain_iter(rows, local, num_workers):
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if num_workers > 0:
     from absl import flags
-    if not flags.FLAGS.is_parsed():     # grain reads absl flags in workers (JAX_NOTES (g))
+    if not flags.FLAGS.is_parsed():     # grain workers read absl flags: unparsed -> UnparsedFlagAccessError
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(ds)
@@ -193,7 +193,7 @@ def make_data(config, cache_dir, process_index=0, process_count=1):
   rows = TrainRows(train, train_ids, d.order_seed, d.seq_len, d.packing, tok.pad_id, g, process_index,
                    process_count, d.priorities)
   if rows.unknown_sources:
-    logging.warning("source keys not in the SPEC §5.4 table use priority %g, repeat %d: %s",
+    logging.warning("source keys not in the default mixture table use priority %g, repeat %d: %s",
                     *mixture.UNKNOWN_DEFAULT, ", ".join(rows.unknown_sources))
   eval_batches, eval_rows = eval_rows_fn(ev, eval_ids, config, process_index, process_count)
 

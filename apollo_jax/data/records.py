@@ -1,18 +1,18 @@
-"""Readers and validation for the upstream JSON formats (SPEC §5.1, §7.1).
+"""Readers and validation for the upstream JSON formats (docs/original.md, Data formats).
 
 ApolloMoEDataset comes in two forms, detected from the top-level JSON type:
   list form:      [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}, ...],
                     "source": "medicalBook_en_qa", "class": "major"}, ...]
   extracted form: {"medicalBook_en_qa": [[q, a, q2, a2, ...], ...], "general_ckb": [...], ...}
 Both become `Sample(source, language, turns, where)` (turns alternate user/assistant; the language
-index comes from the source key, SPEC §4.5). ApolloMoEBench is a list of
+index comes from the source key, languages.language_of_source). ApolloMoEBench is a list of
 {"question", "options", "answer", "source", ["context", "class"]}.
 
 Files are parsed streaming (stream_json.py): one record at a time, never the whole file. Bad input
 never passes silently: every problem raises a ValueError naming the file, line and record, or, with
 skip_bad=True, is collected in a `BadRecords` tally (count + first reasons).
 
-A conversation may end on a user turn (odd number of turns), as the original accepts (SPEC §5.3):
+A conversation may end on a user turn (odd number of turns), as the original accepts:
 the template then ends with that user turn and EOS.
 """
 

@@ -1,7 +1,7 @@
 """Streaming reader for the upstream JSON files: a top-level list of items, or an object
 {key: [items]} (the extracted form), yielded one item at a time.
 
-The 13.5 GB ApolloMoEDataset (SPEC §5.1) never sits in memory: the file is read in chunks and each
+The 13.5 GB ApolloMoEDataset never sits in memory: the file is read in chunks and each
 item is decoded with json's C scanner (`raw_decode`), so memory is bounded by the largest item plus
 one chunk. Malformed JSON raises a ValueError naming the file, line and column, as json.load did.
 """

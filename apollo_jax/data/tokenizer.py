@@ -3,7 +3,7 @@ eos_id, pad_id, vocab_size.
 
 * sentencepiece `.model` files (the shipped sample tokenizer; see train_tokenizer.py);
 * HuggingFace `tokenizer.json` through the `tokenizers` library (Qwen2's byte-level BPE is not
-  sentencepiece). EOS is `<|endoftext|>` when the vocabulary has it (Qwen2, SPEC §5.2), else the
+  sentencepiece). EOS is `<|endoftext|>` when the vocabulary has it (Qwen2's EOS), else the
   `eos_token` argument.
 
 encode() never adds special tokens: the chat template (chat.py) places EOS itself. Both wrappers
@@ -72,7 +72,7 @@ class HFTokenizer:
                        f"eos_token={self.eos_token!r} is {'not set' if not name else 'not in it either'}; "
                        "set data.eos_token to the tokenizer's end-of-text token")
     self._eos = vocab[name]
-    # Qwen2 pads with <|endoftext|> (SPEC §5.2); other vocabularies may have their own pad token.
+    # Qwen2 pads with <|endoftext|> (its EOS); other vocabularies may have their own pad token.
     pads = [vocab[p] for p in PAD_CANDIDATES if p in vocab and name != QWEN_EOS]
     self._pad = pads[0] if pads else self._eos
 

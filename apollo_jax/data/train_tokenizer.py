@@ -7,7 +7,7 @@ Choices (why):
   * BPE with byte_fallback: no <unk> for any of the 50 languages' scripts (rare characters become
     byte pieces); character_coverage 0.9995 (the usual value for CJK-heavy corpora) keeps the
     required-character set small enough for a 4k vocabulary across Latin, Cyrillic, Arabic,
-    Devanagari, Thai, Lao, Hangul and CJK text (1.0 can exceed a small vocab, JAX_NOTES (h));
+    Devanagari, Thai, Lao, Hangul and CJK text (at 1.0 the required characters can exceed a small vocab);
   * ids pad=0, unk=1, bos=2, eos=3 (EOS ends every answer, chat.py);
   * identity normalisation, no dummy prefix, whitespace kept: the chat template tokenises its
     pieces separately, and decode(encode(a) + encode(b)) must equal a + b exactly;

@@ -1,5 +1,6 @@
-"""ApolloMoEBench evaluation in 50 languages (SPEC §7): few-shot prompts, greedy generation with
-the original's answer extraction, option log-likelihoods, per-language scores, a Table-4 report.
+"""ApolloMoEBench evaluation in 50 languages (docs/original.md, Evaluation): few-shot prompts,
+greedy generation with the original's answer extraction, option log-likelihoods, per-language
+scores, a Table-4 report.
 CLI: `python -m apollo_jax.evaluate`."""
 
 from apollo_jax.evaluation.extract import extract_answer

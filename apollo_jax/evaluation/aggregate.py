@@ -1,5 +1,6 @@
-"""Scores per source, per language, Major and Minor averages with 95% intervals (SPEC §7.6).
+"""Scores per source, per language, Major and Minor averages with 95% intervals.
 
+As the original (docs/original.md, Aggregation); the intervals are ours:
   * source: right / all (items skipped for the prompt budget are not in "all", as the original);
   * language: en and zh are the unweighted mean of their sources' accuracies (macro); every
     other language pools its sources (micro: sum right / sum all), which for the single-source

@@ -1,7 +1,7 @@
 """ApolloMoEBench items: reading, validation and the language of each benchmark source.
 
 Records are read with `apollo_jax.data.records` (types and required fields); this module adds
-what scoring needs: the gold letter, the option labels and texts, and the language (SPEC §7.2).
+what scoring needs: the gold letter, the option labels and texts, and the language.
 A malformed record raises ValueError naming file and record, or with skip_bad=True is skipped
 and counted in the returned BadRecords.
 """
@@ -12,7 +12,7 @@ import re
 from apollo_jax import languages
 from apollo_jax.data import records
 
-# Sources of the 12 major languages (SPEC §7.2), matched case-insensitively. The German and
+# Sources of the 12 major languages (docs/original.md, Evaluation), matched case-insensitively. The German and
 # Portuguese MMLU subjects (MMLU_<subject>_de / _pt) and every minor-language source
 # (`...-xx` / `...-xxx`) carry their language code as a suffix instead.
 MAJOR_SOURCES = {
@@ -22,7 +22,7 @@ MAJOR_SOURCES = {
     "mmlu-medical-ar": "ar", "igakuqa": "ja", "kormedmcqa": "ko", "medexpqa": "it",
     "mmlu-medical-it": "it", "rumeddanet": "ru",
 }
-# Left out of the language scores by default, as in the paper (SPEC §7.6; README of the original).
+# Left out of the language scores by default: the original's README says the paper does not use them.
 EXCLUDED_SOURCES = ("pubmedqa", "cmb-single", "cmexam")
 
 _GOLD = re.compile(r"\(([A-F])\)")

@@ -1,4 +1,4 @@
-"""Few-shot prompts as the original built them (SPEC §7.3), with a seed.
+"""Few-shot prompts as the original built them (docs/original.md, Evaluation), with a seed.
 
 A prompt is a chat in the training format (data/chat.py): each shot is one finished turn,
   User:<instruction>\\n[<context line>\\n]<question line>\\n<options lines>\\nAssistant:<answer><eos>\\n
@@ -56,7 +56,7 @@ def load_templates(path: str = "") -> dict:
 
 
 def template_for(templates: dict, language: str) -> dict:
-  """Major languages use their own wording; minor ones the default (English A-D, SPEC §7.3)."""
+  """Major languages use their own wording; minor ones the default (English A-D, as the original)."""
   if language in languages.MAJOR and language in templates:
     return templates[language]
   return templates["default"]

@@ -5,7 +5,7 @@ import os
 
 from apollo_jax import languages
 
-# Column order of paper Table 4 (SPEC §9.1) and its Apollo-MoE rows, for reference.
+# Column order of the paper's Table 4 and its Apollo-MoE rows (docs/original.md, Reported results).
 TABLE4_LANGUAGES = ("ar", "de", "en", "es", "fr", "hi", "it", "ja", "ko", "pt", "ru", "zh")
 PAPER_ROWS = (    # (size, Major, Minor, the 12 languages in TABLE4_LANGUAGES order)
     ("0.5B", 40.5, 34.6, (36.3, 38.2, 45.4, 39.8, 38.4, 33.1, 39.9, 26.9, 35.2, 37.3, 64.1, 51.3)),

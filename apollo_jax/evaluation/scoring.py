@@ -51,7 +51,7 @@ def generate(lm, prompts, max_new_tokens=256, batch_size=8, progress=True, desc=
   with tqdm(total=len(prompts), desc=desc, disable=not progress, dynamic_ncols=True) as bar:
     for idx in _batches(lm, langs, [len(x) for x in ids], batch_size):
       gen = lm.generate([ids[i] for i in idx], max_new_tokens=max_new_tokens, temperature=0.0,
-                        min_new_tokens=2, batch_size=len(idx),     # as the original (SPEC §7.4)
+                        min_new_tokens=2, batch_size=len(idx),     # as the original
                         **_language_kw(lm, langs[idx[0]]))
       for i, g in zip(idx, gen):
         response = lm.decode(g)

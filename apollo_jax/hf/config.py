@@ -99,7 +99,7 @@ def config_from_hf(hf_config, base=None) -> ml_collections.ConfigDict:
     shared = int(hf.get("shared_expert_intermediate_size") or 0)
     e.shared_expert = shared > 0
     e.routing = "topk"
-  else:  # released Apollo-MoE remote code (SPEC §2.4, §3): shared expert only with share_flag
+  else:  # released Apollo-MoE remote code (docs/original.md, Routing): shared expert only with share_flag
     shared = int(hf.get("shared_expert_intermediate_size") or m.intermediate_size)
     e.shared_expert = bool(hf.get("share_flag", False))
     gate = bool(hf.get("language_gate", False))

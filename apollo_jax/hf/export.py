@@ -109,7 +109,7 @@ def state_dict(params, config) -> dict:
       if config.moe.shared_expert:
         out.update(swiglu(mlp["shared_expert"], p + "mlp.shared_expert."))
         out[p + "mlp.shared_expert_gate.weight"] = mlp["shared_expert_gate"]["kernel"].T
-      else:                  # size-0 shared expert whose output is exactly 0 (JAX_NOTES d)
+      else:                  # size-0 shared expert: HF computes an exact 0 (empty matmul)
         out[p + "mlp.shared_expert.gate_proj.weight"] = np.zeros((0, H), np.float32)
         out[p + "mlp.shared_expert.up_proj.weight"] = np.zeros((0, H), np.float32)
         out[p + "mlp.shared_expert.down_proj.weight"] = np.zeros((H, 0), np.float32)

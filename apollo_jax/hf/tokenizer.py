@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 
-# The training format (chat.py, SPEC §5.2): `User:{q}\nAssistant:{a}` turns joined by "\n", EOS
+# The training format (chat.py, as the original): `User:{q}\nAssistant:{a}` turns joined by "\n", EOS
 # after the last answer; add_generation_prompt appends "\nAssistant:". No system prompt.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"

@@ -10,7 +10,8 @@ from apollo_jax.hf.load import finish_tree, join_layers, split_layers
 
 
 def upcycle(dense_params, dense_config, moe_config, rng) -> dict:
-  """Dense params -> Post-MoE params (SPEC §2.5): experts = copies of the dense FFN, router N(0, std).
+  """Dense params -> Post-MoE params (docs/original.md, Upcycling): experts = copies of the dense FFN,
+  router N(0, std).
 
   Everything the two models share is copied unchanged; padded experts are zero; a shared expert
   (if configured) is another copy of the FFN with its gate N(0, init_std). Not function-preserving

@@ -1,6 +1,6 @@
 """Qwen2 building blocks: RMSNorm, rotary embedding, GQA attention with q/k/v bias, SwiGLU MLP.
 
-Everything computes exactly as HF `Qwen2ForCausalLM` (SPEC §2.1) so imported checkpoints give the
+Everything computes exactly as HF `Qwen2ForCausalLM` (the original's base) so imported checkpoints give the
 same logits. Params are float32; activations run in `dtype` (the model's compute dtype); norm
 statistics and the attention softmax are float32. Kernels are [in, out] (HF Linear transposed).
 """

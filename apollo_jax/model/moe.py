@@ -178,7 +178,7 @@ class MoEBlock(nn.Module):
       y = capacity_moe(x_GSM, idx, weights, keep, pos, C, experts)
     y = y.astype(dtype).reshape(B, S_row, M)
 
-    if e.shared_expert:   # always-on FFN scaled by sigmoid(x @ w_s) (SPEC §2.4)
+    if e.shared_expert:   # always-on FFN scaled by sigmoid(x @ w_s), as the original's share_flag
       shared = layers.MLP(I, m.init_std, dtype, name="shared_expert")(x)
       s_gate = layers.dense(1, ("embed", None), m.init_std, dtype, name="shared_expert_gate")(x)
       y = y + nn.sigmoid(s_gate) * shared

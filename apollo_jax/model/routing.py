@@ -4,7 +4,7 @@ Shapes: `...` is any leading token shape (e.g. [G, S]); E = padded experts, K = 
 An *assignment* is one (token, slot) pair: expert index `idx[..., k]`, weight `weights[..., k]`,
 and `valid[..., k]` (False for slots that carry nothing: padding tokens, unused slots).
 
-Routing modes (config.moe.routing; DESIGN §2):
+Routing modes (config.moe.routing; the original's are in docs/original.md, Routing):
   topk      plain top-k of the full softmax (all inference except `language`).
   hybrid    training of Hybrid-k: top-k, and if the token's expert f is not among them it
             replaces the LOWEST slot (K-1); weights are the full-softmax probs of the chosen.

@@ -3,7 +3,7 @@
 Layout: checkpoints/<step>/{state/ (params, opt_state, step, rng), data/ (JSON)}. Saves are async:
 `save()` returns once the arrays are copied off the device, files are written in the background
 under `<step>.orbax-checkpoint-tmp*` and renamed to `<step>` at commit, so a run killed mid-save
-leaves the previous step as the latest complete checkpoint (JAX_NOTES e).
+leaves the previous step as the latest complete checkpoint (Orbax ignores the uncommitted tmp dir).
 
 The data iterator's `get_state()` is taken in the caller's thread at save time (it must match the
 batches consumed so far; a background writer would read a later position), gathered from every

@@ -166,7 +166,7 @@ def _lines_upto(path, step: int) -> list:
 
 def _init_wandb(config, workdir: str):
   import wandb
-  # Offline unless a key is configured: online with no reachable server blocks ~100 s (JAX_NOTES f).
+  # Offline unless a key is configured: online with no reachable server, wandb.init blocks ~100 s.
   mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
   local_dir = None if "://" in str(workdir) else workdir      # wandb writes local files only
   return wandb.init(project=config.wandb.project, name=config.wandb.name or None, dir=local_dir,

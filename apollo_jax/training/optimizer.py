@@ -1,4 +1,4 @@
-"""AdamW + global-norm clipping + warmup-cosine schedule, as the original recipe (SPEC §6.2).
+"""AdamW + global-norm clipping + warmup-cosine schedule, as the original (docs/original.md, Training recipe).
 
   * AdamW(b1, b2, eps, weight_decay) with decay on every parameter except biases. Norm scales ARE
     decayed: the original excluded names containing `LayerNorm.weight`, which Qwen2's

@@ -84,7 +84,7 @@ def prepare(config):
 def apply_epochs(config, data):
   """config.epochs > 0 -> config.steps = the steps covering `epochs` passes (data.steps_for_epochs).
 
-  As the original (SPEC §6.2): training stops after `epochs` passes while the cosine schedule spans
+  As the original: training stops after `epochs` passes while the cosine schedule spans
   optim.horizon (1.35) times the run. Returns the steps (None when epochs is unset)."""
   epochs = float(config.get("epochs", 0) or 0)
   if epochs <= 0:

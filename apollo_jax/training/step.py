@@ -1,9 +1,10 @@
 """Train state, loss, and the jitted train/eval steps (pure functions of arrays).
 
-Loss (as the original, SPEC §6.2): per micro-batch the token-mean fp32 cross-entropy over
-`loss_mask` (computed `config.loss_chunk` positions at a time, apollo_jax.loss), averaged over the `grad_accum` micro-batches (mean of means, not a global token
-mean), plus `transformer.moe_aux_loss`. Per-language-family CE sums and token counts ride along
-as metrics (family = languages.expert_map('family7')[language_id]).
+Loss (as the original, docs/original.md, Training recipe): per micro-batch the token-mean fp32
+cross-entropy over `loss_mask` (computed `config.loss_chunk` positions at a time, apollo_jax.loss),
+averaged over the `grad_accum` micro-batches (mean of means, not a global token mean), plus
+`transformer.moe_aux_loss`. Per-language-family CE sums and token counts ride along as metrics
+(family = languages.expert_map('family7')[language_id]).
 
 The state is a plain dict {"params", "opt_state", "step", "rng"} so that Orbax saves it as is.
 `step` counts applied updates. The model is deterministic (no dropout); `rng` is carried (and
