@@ -73,7 +73,7 @@ def routing_fn(lm):
   config = copy.deepcopy(lm.config)
   with config.unlocked():
     config.moe.analysis = True
-  module = transformer.build_model(config)
+  module = transformer.build_model(config, lm.mesh)
 
   @jax.jit
   def fn(params, ids, language_ids, segment_ids):

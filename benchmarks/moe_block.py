@@ -24,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from apollo_jax import config as cfg  # noqa: E402
 from apollo_jax.model import layers  # noqa: E402
+from apollo_jax.model.config import from_config  # noqa: E402
 from apollo_jax.model.moe import MoEBlock  # noqa: E402
 
 
@@ -95,7 +96,7 @@ def main():
     c.model.hidden_size, c.model.intermediate_size, c.model.dtype = a.hidden, a.inter, a.dtype
     c.moe.num_experts, c.moe.top_k, c.moe.group_size = a.experts, a.top_k, max(group, 1)
     c.moe.capacity_factor = cf
-    block = MoEBlock(c)
+    block = MoEBlock(from_config(c))
     v = block.init(jax.random.PRNGKey(3), x, seg, fam, True)
     step = grad_step(block, v, x, seg, fam, True)
     name = ("moe_dropless" if impl == "dropless" else

@@ -46,7 +46,7 @@ def build(config, input_ids=None):
   """(run(state) -> state, initial state) of one jitted train step on a fixed batch."""
   mesh = sharding.make_mesh(config)
   with sharding.activate(mesh):
-    model = transformer.build_model(config)
+    model = transformer.build_model(config, mesh)
     tx = optimizer.make_optimizer(config)
     _, shardings, init_fn = ts.state_shardings(model, config, tx, mesh)
     state = ts.init_state(config, tx, shardings, init_fn)

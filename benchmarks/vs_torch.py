@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 
 from apollo_jax import config as cfg  # noqa: E402
 from apollo_jax.model import attention, dropless, layers  # noqa: E402
+from apollo_jax.model.config import from_config  # noqa: E402
 from apollo_jax.model.moe import MoEBlock  # noqa: E402
 import moe_block  # noqa: E402
 import train_step as ts_bench  # noqa: E402
@@ -100,7 +101,7 @@ def moe_vs_ffn(a):
   ffn = layers.MLP(a.inter, 0.02, jnp.float32)
   v_ffn = ffn.init(jax.random.PRNGKey(2), x)
   c = jax_config(_with(a, dense=False))
-  block = MoEBlock(c)
+  block = MoEBlock(from_config(c))
   v_moe = block.init(jax.random.PRNGKey(3), x, seg, None, True)
   f_ffn = moe_block.grad_step(ffn, v_ffn, x)
   f_moe = moe_block.grad_step(block, v_moe, x, seg, None, True)

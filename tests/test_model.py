@@ -12,6 +12,7 @@ import pytest
 
 from apollo_jax import languages
 from apollo_jax.model import moe
+from apollo_jax.model.config import from_config
 from apollo_jax.model.transformer import build_model, layer_plan, moe_aux_loss, moe_metrics
 from tolerance import assert_close, network_terms, tolerance
 
@@ -85,11 +86,11 @@ def test_logits_shape_dtype_and_param_tree():
 def test_layer_plan():
   c = make_config("moe_layers=1;3")
   c.model.num_layers = 4
-  assert [(p["name"], p["kind"], p["count"], p["stacked"]) for p in layer_plan(c)] == [
+  assert [(p["name"], p["kind"], p["count"], p["stacked"]) for p in layer_plan(from_config(c))] == [
       ("layers_0", "dense", 1, True), ("layers_1", "moe", 1, False),
       ("layers_2", "dense", 1, True), ("layers_3", "moe", 1, False)]
   c.model.scan_layers = False
-  assert [p["stacked"] for p in layer_plan(c)] == [False] * 4
+  assert [p["stacked"] for p in layer_plan(from_config(c))] == [False] * 4
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -183,7 +184,7 @@ def test_missing_language_ids_fail_clearly():
 
 def restack(unscanned, config):
   out = {k: v for k, v in unscanned.items() if not k.startswith("layers_")}
-  for p in layer_plan(config):
+  for p in layer_plan(from_config(config)):
     blocks = [unscanned[f"layers_{i}"] for i in range(p["start"], p["start"] + p["count"])]
     out[p["name"]] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *blocks) if p["stacked"] else blocks[0]
   return out

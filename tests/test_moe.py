@@ -12,6 +12,7 @@ import pytest
 
 from apollo_jax import config as cfg
 from apollo_jax.model import dropless, moe, routing
+from apollo_jax.model.config import from_config
 from tolerance import assert_close, violation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +35,7 @@ def make_config(**moe_fields):
 
 
 def init_block(c, seed=0):
-  block = moe.MoEBlock(c)
+  block = moe.MoEBlock(from_config(c))
   x = jax.random.normal(jax.random.PRNGKey(seed + 1), (B, S, M))
   params = nn.meta.unbox(block.init(jax.random.PRNGKey(seed), x, jnp.ones((B, S), jnp.int32)))["params"]
   return block, params, x
@@ -250,7 +251,7 @@ def test_dropless_keeps_a_single_family_group_that_capacity_drops():
   assert (chosen[seg == 0] == -1).all() and (chosen[seg == 1] == 4).any(-1).all()
   np.testing.assert_array_equal(np.asarray(y)[seg == 0], 0.0)
   capacity = make_config(routing="hybrid", impl="capacity", capacity_factor=2.0)
-  _, cap_stats = moe.MoEBlock(capacity).apply({"params": params}, x, jnp.asarray(seg), jnp.asarray(fam), True)
+  _, cap_stats = moe.MoEBlock(from_config(capacity)).apply({"params": params}, x, jnp.asarray(seg), jnp.asarray(fam), True)
   assert float(cap_stats["drop_fraction"]) > 0.1
 
 

@@ -37,7 +37,7 @@ def hooked():
   c = _dense_tiny()
   mesh = sharding.make_mesh(c, jax.devices()[:DEVICES])
   with sharding.activate(mesh):
-    model, tx = transformer.build_model(c), optimizer.make_optimizer(c)
+    model, tx = transformer.build_model(c, mesh), optimizer.make_optimizer(c)
     _, shardings, init = ts.state_shardings(model, c, tx, mesh)
     state = ts.init_state(c, tx, shardings, init)
     train_fn = ts.jit_train_step(ts.make_train_step(model, c, tx, mesh), shardings, mesh)

@@ -81,7 +81,7 @@ def _state(config, devices, seed):
   """(random train state on `devices` (padded experts zero), abstract state, shardings)."""
   mesh = sharding.make_mesh(config, jax.devices()[:devices])
   with sharding.activate(mesh):
-    model, tx = transformer.build_model(config), optimizer.make_optimizer(config)
+    model, tx = transformer.build_model(config, mesh), optimizer.make_optimizer(config)
     abstract, shardings, _ = ts.state_shardings(model, config, tx, mesh)
   n = config.moe.num_experts
   rng = np.random.default_rng(seed)

@@ -135,7 +135,7 @@ def test_moe_hf_dir_loads_as_is_onto_the_shardings(tmp_path):
   c = _config(init_from=str(tmp_path), mesh__fsdp=4, mesh__expert=2)
   mesh = sharding.make_mesh(c)
   with sharding.activate(mesh):
-    model, tx = transformer.build_model(c), optimizer.make_optimizer(c)
+    model, tx = transformer.build_model(c, mesh), optimizer.make_optimizer(c)
     abstract, shardings, _ = ts.state_shardings(model, c, tx, mesh)
   params = setup.load_params(c, abstract["params"], shardings["params"])
   flat = _flat(params)

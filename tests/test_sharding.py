@@ -54,7 +54,7 @@ def batch(rng, b=8, s=32, vocab=256):
 
 def param_specs(config, mesh, ids_shape):
   """(boxed abstract variables, param NamedShardings) of build_model(config) on `mesh`."""
-  module = build_model(config)
+  module = build_model(config, mesh)
   with sharding.activate(mesh):
     abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros(ids_shape, jnp.int32)))
     return abstract, sharding.param_shardings(abstract, mesh)["params"]
@@ -62,7 +62,7 @@ def param_specs(config, mesh, ids_shape):
 
 def run(config, mesh, params, b):
   """Eval logits, and the train-mode loss and gradients, computed on `mesh`."""
-  module = build_model(config)
+  module = build_model(config, mesh)
   _, p_sh = param_specs(config, mesh, b["input_ids"].shape)
   with sharding.activate(mesh):
     b_sh = sharding.batch_sharding(mesh)

@@ -15,6 +15,7 @@ import numpy as np
 
 from apollo_jax import config as cfg
 from apollo_jax.hf.config import apply_overrides, check_same_model, config_from_hf, read_hf_config
+from apollo_jax.model import config as model_config
 from apollo_jax.model.transformer import abstract_params, build_model, layer_plan
 from apollo_jax.hf.safetensors import read_safetensors
 
@@ -46,7 +47,7 @@ def split_layers(params, config):
   """Params -> (top-level dict without layer blocks, [per-decoder-layer dict] * num_layers)."""
   top = dict(params)
   layers = []
-  for blk in layer_plan(config):
+  for blk in layer_plan(model_config.from_config(config)):
     tree = top.pop(blk["name"])
     if blk["stacked"]:
       layers += [jax.tree.map(lambda x, j=j: x[j], tree) for j in range(blk["count"])]
@@ -58,7 +59,7 @@ def split_layers(params, config):
 def join_layers(top, layers, config):
   """Inverse of split_layers: stacks every scanned run of dense layers per layer_plan."""
   params = dict(top)
-  for blk in layer_plan(config):
+  for blk in layer_plan(model_config.from_config(config)):
     run = layers[blk["start"]:blk["start"] + blk["count"]]
     params[blk["name"]] = (jax.tree.map(lambda *xs: np.stack(xs), *run) if blk["stacked"] else run[0])
   return params

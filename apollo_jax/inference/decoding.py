@@ -10,7 +10,6 @@ row has stopped or after max_new_tokens.
 """
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +58,7 @@ def sample(logits, rng, temperature, top_p):
 
 class Decoder:
   """Jitted forward, prefill and decode step of `module` (a Transformer), compiled once per shape
-  bucket. `for_config` shares one Decoder (and its compilations) among models of equal config."""
+  bucket. `shared` gives one Decoder (and its compilations) to all modules of equal ModelConfig."""
 
   _shared = {}
 
@@ -67,8 +66,8 @@ class Decoder:
     self.module = module
 
   @classmethod
-  def for_config(cls, config, module):
-    key = json.dumps({k: config[k].to_dict() for k in ("model", "moe", "mesh")}, sort_keys=True)
+  def shared(cls, module):
+    key = module.config            # a frozen ModelConfig (model/config.py): hashable
     if key not in cls._shared:
       cls._shared[key] = cls(module)
     return cls._shared[key]

@@ -74,7 +74,7 @@ def choose_mesh(config, devices=None, mesh=None):
 
 def _abstract(config, mesh):
   """(unboxed abstract params, their NamedShardings on `mesh`)."""
-  module = build_model(config)
+  module = build_model(config, mesh)
   boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
   with sharding.activate(mesh):
     shardings = sharding.param_shardings(boxed, mesh)["params"]
@@ -90,8 +90,8 @@ class LM:
     # EOS: the tokenizer's, else the checkpoint's (HF generation_config), else none (-1: never stop)
     self.eos_id = tokenizer.eos_id if tokenizer is not None else (-1 if eos_id is None else eos_id)
     self.mesh = mesh if mesh is not None else choose_mesh(config)[0]
-    self.module = build_model(config)
-    self._decoder = decoding.Decoder.for_config(config, self.module)
+    self.module = build_model(config, self.mesh)
+    self._decoder = decoding.Decoder.shared(self.module)
     self.max_len = int(config.model.get("max_position_embeddings", 32768))
 
   # ------------------------------------------------------------------------------------ helpers

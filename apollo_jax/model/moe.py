@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from apollo_jax import config as cfg
-from apollo_jax.runtime import sharding
 from apollo_jax.model import dropless, layers, routing
+from apollo_jax.model.config import ModelConfig
 
 IMPLS = ("dropless", "capacity")
 
@@ -107,42 +107,39 @@ def capacity_moe(x_GSM, idx, weights, keep, pos, C, experts):
   return jnp.einsum("GSKM,GSK->GSM", y_GSKM, (weights * keep).astype(y_GSKM.dtype))
 
 
-def dropless_moe(x, idx, weights, valid, wg, wu, wd):
+def dropless_moe(x, idx, weights, valid, wg, wu, wd, kernel: str, mesh=None, batch_axes=()):
   """Dropless experts on x [B, S, M] with idx/weights/valid [B, S, K] -> float32 [B, S, M].
 
-  Under a multi-device mesh: shard_map over the batch axes; each device sorts and computes its
+  Under a multi-device `mesh` (an AbstractMesh; None: plain jit): shard_map over `batch_axes` over the batch axes; each device sorts and computes its
   own tokens with every expert's weights all-gathered (like an FSDP weight; the expert axis acts
   as data parallelism here). Exact and simple; an all-to-all expert-parallel dispatch would
   move tokens instead of weights and is the next step for large E (not needed at E=7 in 2 layers).
   """
-  kernel = dropless.default_kernel()
-
   def local(x, idx, weights, valid, wg, wu, wd):
     B, S, M = x.shape
     flat = lambda a: a.reshape(B * S, *a.shape[2:])
     y = dropless.moe_ffn(flat(x), flat(idx), flat(weights), flat(valid), wg, wu, wd, kernel)
     return y.reshape(B, S, M)
 
-  mesh = jax.sharding.get_abstract_mesh()
-  shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
-  if mesh.empty or mesh.size == 1 or x.shape[0] % shards:
+  shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in batch_axes)
+  if mesh is None or x.shape[0] % shards:
     # One device, or rows that do not split over the batch axes (e.g. the 1-row init): plain
     # jit; GSPMD keeps it exact (one global sort), just not device-local.
     return local(x, idx, weights, valid, wg, wu, wd)
-  tok, rep = jax.P(sharding.BATCH_AXES), jax.P()
+  tok, rep = jax.P(batch_axes), jax.P()
   return jax.shard_map(local, mesh=mesh, in_specs=(tok,) * 4 + (rep,) * 3, out_specs=tok,
                        check_vma=False)(x, idx, weights, valid, wg, wu, wd)
 
 
 class MoEBlock(nn.Module):
   """Replaces the MLP in an MoE decoder layer. Returns (y [B,S,M], stats dict of fp32 arrays)."""
-  config: Any          # the full config; reads config.model and config.moe only
+  config: ModelConfig
 
   @nn.compact
   def __call__(self, x, segment_ids, family=None, train: bool = False):
-    m, e = self.config.model, self.config.moe
+    m, e = self.config, self.config.moe
     dtype = layers.dtype_of(m.dtype)
-    E_real, E, K, I = e.num_experts, cfg.padded_num_experts(self.config), e.top_k, m.intermediate_size
+    E_real, E, K, I = e.num_experts, e.padded_experts, e.top_k, m.intermediate_size
     B, S_row, M = x.shape
     if e.impl not in IMPLS:
       raise ValueError(f"moe.impl={e.impl!r}; choose one of {IMPLS}")
@@ -169,7 +166,8 @@ class MoEBlock(nn.Module):
     experts = Experts(E, E_real, I, m.init_std, dtype, name="experts")
     if dropless_:
       keep = valid
-      y = experts(M, lambda wg, wu, wd: dropless_moe(x_GSM, idx, weights, valid, wg, wu, wd))
+      y = experts(M, lambda wg, wu, wd: dropless_moe(x_GSM, idx, weights, valid, wg, wu, wd,
+                                                                e.kernel, e.mesh, e.batch_axes))
     else:
       cf = e.capacity_factor if train else e.eval_capacity_factor
       C = cfg.capacity(S, E_real, K, cf, e.min_capacity)

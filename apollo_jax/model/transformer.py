@@ -6,27 +6,25 @@ at 28 layers); every MoE layer is its own unrolled block `layers_{i}`, so its ro
 sown per layer into the "moe" collection and the param tree maps 1:1 to HF names.
 """
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from apollo_jax import config as cfg
-from apollo_jax import languages
-from apollo_jax.model import attention, layers
+from apollo_jax.model import layers
+from apollo_jax.model import config as model_config
+from apollo_jax.model.config import ModelConfig
 from apollo_jax.model.moe import MoEBlock
 
 ACT = ("act_batch", "act_length", "act_embed")
 
 
-def layer_plan(config):
+def layer_plan(mc: ModelConfig):
   """Layer blocks in order: dicts {"name", "kind": "dense"|"moe", "start", "count", "stacked"}."""
-  n = config.model.num_layers
-  moe = set(cfg.moe_layer_indices(config.moe.layers, n))
+  n = mc.num_layers
+  moe = set(mc.moe.layers)
   plan, i = [], 0
   while i < n:
-    if i in moe or not config.model.scan_layers:
+    if i in moe or not mc.scan_layers:
       kind = "moe" if i in moe else "dense"
       plan.append(dict(name=f"layers_{i}", kind=kind, start=i, count=1, stacked=False))
       i += 1
@@ -39,13 +37,9 @@ def layer_plan(config):
   return plan
 
 
-def _head_dim(m):
-  return m.head_dim if m.head_dim > 0 else m.hidden_size // m.num_heads
-
-
 class DecoderLayer(nn.Module):
   """Pre-norm residual block: x + Attn(norm(x)), then x + MLP-or-MoE(norm(x))."""
-  config: Any
+  config: ModelConfig
   moe: bool = False
   train: bool = False
   scanned: bool = False     # nn.scan body: return (carry, None)
@@ -53,12 +47,11 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, segment_ids, positions, family=None):
-    m = self.config.model
+    m = self.config
     dtype = layers.dtype_of(m.dtype)
     h = layers.RMSNorm(m.rms_norm_eps, name="input_layernorm")(x)
-    x = x + layers.Attention(m.num_heads, m.num_kv_heads, _head_dim(m), m.rope_theta, m.init_std,
-                             dtype, attention.resolve(m.attention, self.config.data.packing),
-                             name="self_attn")(h, segment_ids, positions, self.cache_len)
+    x = x + layers.Attention(m.num_heads, m.num_kv_heads, m.head_dim, m.rope_theta, m.init_std,
+                             dtype, m.attention, name="self_attn")(h, segment_ids, positions, self.cache_len)
     h = layers.RMSNorm(m.rms_norm_eps, name="post_attention_layernorm")(x)
     if self.moe:
       y, stats = MoEBlock(self.config, name="mlp")(h, segment_ids, family, self.train)
@@ -97,13 +90,13 @@ class LMHead(nn.Module):
 
 class Transformer(nn.Module):
   """Logits [B, S, V] fp32; with return_hidden, (final-norm hidden states [B, S, M], head [M, V])."""
-  config: Any
+  config: ModelConfig
 
   @nn.compact
   def __call__(self, input_ids, language_ids=None, segment_ids=None, positions=None,
                train: bool = False, return_hidden: bool = False, cache_len: int = 0):
     """cache_len > 0: generation; apply with mutable=["cache"] (kv_cache.py)."""
-    m, e = self.config.model, self.config.moe
+    m = self.config
     dtype = layers.dtype_of(m.dtype)
     B, S = input_ids.shape
     plan = layer_plan(self.config)
@@ -159,17 +152,18 @@ class Transformer(nn.Module):
                            "expert, so language_ids [B, S] are required; pass language_ids=... "
                            "(inference with train=False needs none).")
       return None
-    table = jnp.asarray(languages.expert_map(e.expert_map))
-    return table[language_ids]
+    return jnp.asarray(e.family_of_language, jnp.int32)[language_ids]
 
 
-def build_model(config) -> nn.Module:
-  """The flax module of `config` (reads only config.model and config.moe)."""
-  return Transformer(config)
+def build_model(config, mesh=None) -> nn.Module:
+  """The flax module of a run's ConfigDict, to run under `mesh` (model/config.py resolves what
+  the settings decide; `Transformer(model_config)` builds one from a ModelConfig alone)."""
+  return Transformer(model_config.from_config(config, mesh))
 
 
 def abstract_params(config) -> dict:
-  """Unboxed jax.ShapeDtypeStruct tree of the params of build_model(config) (nothing allocated)."""
+  """Unboxed jax.ShapeDtypeStruct tree of the params of build_model(config) (nothing allocated;
+  the shapes do not depend on the mesh it runs under)."""
   ids = jnp.zeros((1, 8), jnp.int32)
   shapes = jax.eval_shape(lambda: build_model(config).init(jax.random.PRNGKey(0), ids))
   return unbox(shapes["params"])

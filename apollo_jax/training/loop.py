@@ -80,7 +80,7 @@ def train(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config)
   stop = StopRequest()
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    model = transformer.build_model(config)
+    model = transformer.build_model(config, mesh)
     data = pipeline.make_data(config, config.data.cache_dir or os.path.join(workdir, "data_cache"),
                               jax.process_index(), jax.process_count())
     config = pipeline.skip_empty_eval(config, data)

@@ -55,7 +55,7 @@ def abstract_inputs(config, mesh, model, tx):
 def lower_train_step(config, mesh):
   """The jitted train step of `train` and its lowering for abstract inputs."""
   with sharding.activate(mesh):
-    model, tx = transformer.build_model(config), optimizer.make_optimizer(config)
+    model, tx = transformer.build_model(config, mesh), optimizer.make_optimizer(config)
     state, batch, shardings = abstract_inputs(config, mesh, model, tx)
     fn = ts.jit_train_step(ts.make_train_step(model, config, tx, mesh), shardings, mesh)
     return fn, fn.lower(state, batch)
