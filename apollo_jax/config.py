@@ -189,6 +189,40 @@ def apply_moe_args(config, args):
 MOE_ARGS = dict(routing="hybrid", moe_layers="last:2", expert_map="family7")
 
 
+# The released sizes: one row each for configs/apollo_moe_0p5b.py, apollo_2b.py, apollo_moe_7b.py.
+# Every size: Qwen2 upcycled with the 7 family experts in the last 2 layers, bf16 compute, full
+# remat. grad_accum and mesh_tensor fit a step of 32 rows x 4096 tokens on 8 x 80 GB (the plans
+# in docs/training.md); lr: the released 0.5B run's 1e-4, the dense Apollo2-7B's 1e-5.
+SIZES = {
+    "0.5b": dict(hf="Qwen/Qwen2-0.5B", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                 num_layers=24, num_heads=14, num_kv_heads=2, tie_embeddings=True,
+                 grad_accum=2, mesh_tensor=1, lr=1e-4),
+    "1.5b": dict(hf="Qwen/Qwen2-1.5B", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                 num_layers=28, num_heads=12, num_kv_heads=2, tie_embeddings=True,
+                 grad_accum=4, mesh_tensor=1, lr=1e-4),
+    "7b": dict(hf="Qwen/Qwen2-7B", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+               num_layers=28, num_heads=28, num_kv_heads=4, tie_embeddings=False,
+               grad_accum=8, mesh_tensor=2, lr=1e-5),
+}
+
+
+def released_config(size: str, arg=None):
+  """The config of a released size (SIZES) with the ablation arguments `arg` (MOE_ARGS)."""
+  row = SIZES[size]
+  args = parse_arg(arg, **MOE_ARGS)
+  c = base_config()
+  for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+            "num_kv_heads", "tie_embeddings"):
+    c.model[k] = row[k]
+  c.model.dtype = "bfloat16"
+  c.model.remat = "full"
+  c.grad_accum, c.mesh.tensor, c.optim.lr = row["grad_accum"], row["mesh_tensor"], row["lr"]
+  apply_moe_args(c, args)
+  needs_real_setup(c, row["hf"])     # init_from, tokenizer, train_files: see apollo_jax/training/setup.py
+  c.data.eval_fraction = 0.0         # never drop training data silently; evaluate on data.eval_files
+  return c
+
+
 def moe_layer_indices(layers, num_layers):
   """Parse `moe.layers` into a sorted tuple of MoE decoder-layer indices."""
   spec = str(layers).strip()
