@@ -41,6 +41,7 @@ def small_tiles(monkeypatch):
   monkeypatch.setattr(attention, "TILE", 4)      # 4 query tiles at T=16
 
 
+@pytest.mark.slow
 def test_blocked_and_xla_equal_reference_and_each_other(qkv, small_tiles):
   q, k, v = qkv
   seg = jnp.asarray(SEG)

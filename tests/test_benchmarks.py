@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("vs_torch.py", ["--quick"], ["HF transformers Qwen2MoeForCausalLM", "apollo_jax / torch",
                                   "MoE layer / dense FFN"]),
 ])
+@pytest.mark.slow
 def test_benchmark_runs(script, args, expect):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script)] + args, cwd=ROOT,

@@ -49,6 +49,7 @@ def _check_loads(lm, path):
   return model, ref
 
 
+@pytest.mark.slow
 def test_trained_hybrid_export(trained):
   lm, out = trained
   assert lm.kind == "workdir" and lm.config.moe.num_experts == 7
@@ -79,6 +80,7 @@ def test_trained_hybrid_export(trained):
   assert front["language"] == list(languages.CODES) and "no" in front["language"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["dense", "last3", "all"])
 def test_variant_exports(variant, tmp_path):
   lm = lf.randomized(variant)
@@ -93,6 +95,7 @@ def test_variant_exports(variant, tmp_path):
     assert c["mlp_only_layers"] == ([0] if variant == "last3" else [])
 
 
+@pytest.mark.slow
 def test_roundtrip_exact_and_sharded_bf16(trained, tmp_path):
   lm, out = trained
   # fp32 export -> convert_from_hf (padding of the training mesh) -> identical params
@@ -119,6 +122,7 @@ def test_roundtrip_exact_and_sharded_bf16(trained, tmp_path):
   assert not any(info.values()) and next(model.parameters()).dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_tokenizer_ids_all_languages(tmp_path):
   lm = lf.randomized("hybrid8")
   out = lf.export(lm, str(tmp_path))

@@ -49,6 +49,7 @@ def _preferring(params, token):
   return p
 
 
+@pytest.mark.slow
 def test_loglik_picks_planted_answer(tiny):
   config, params = tiny
   tok = tok_lib.load_tokenizer(TOKENIZER)
@@ -69,6 +70,7 @@ def test_loglik_picks_planted_answer(tiny):
   assert gen == {"response": "CCC", "extracted": "C"}      # greedy: only the preferred token
 
 
+@pytest.mark.slow
 def test_both_modes_on_the_sample(tmp_path):
   lm = lm_fixtures.randomized("hybrid8")                      # random weights, far from uniform logits
   preds, scores = evaluate(lm, SAMPLE, str(tmp_path), mode="both", limit=1, languages=["en", "ckb"], shots=1,
@@ -94,6 +96,7 @@ def test_both_modes_on_the_sample(tmp_path):
   assert [p["response"] for p in preds] == [lm.decode(g) for g in lm.generate(ids, max_new_tokens=4)]
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
   wd = lm_fixtures.workdir(str(tmp_path))                   # a training workdir, checkpoints 2 and 4
   out = tmp_path / "eval"
@@ -120,6 +123,7 @@ def test_dev_subset():
   assert len(in_training.dev_subset(items, 1.0, seed=0)) == len(items)
 
 
+@pytest.mark.slow
 def test_bench_eval_logs_from_train(tmp_path, data, jit_cache):
   """train.py with bench_eval: bench/* accuracies in metrics.jsonl at the due steps only."""
   import train_fixtures

@@ -44,6 +44,7 @@ def _hf_greedy(model, prompts, max_new_tokens, eos, pad):
   return [row[:row.index(eos) + 1] if eos in row else row for row in out]
 
 
+@pytest.mark.slow
 def test_greedy_equals_hf_generate(moe):
   lm, model, _ = moe
   got = lm.generate(PROMPTS, max_new_tokens=12)
@@ -131,6 +132,7 @@ def test_min_new_tokens_holds_eos_back(moe):
   assert all(r == f[:len(r)] for r, f in zip(held[1:], free[1:]) if stop not in f[:2])
 
 
+@pytest.mark.slow
 def test_cli_batch_equals_hf(moe, tmp_path):
   lm, model, out = moe
   questions = ["What is a fever?", "Bonjour, j'ai de la fièvre.", "发烧怎么办"]

@@ -151,6 +151,7 @@ def test_qwen2_bf16_checkpoint(tmp_path):
   _assert_logits(module, params, model)
 
 
+@pytest.mark.slow
 def test_qwen2_moe_logits(moe_model, tmp_path):
   model, d = moe_model
   assert "model.layers.3.mlp.experts.6.down_proj.weight" in hf_load.load_hf_state(d)
@@ -221,6 +222,7 @@ def _moe_config(dense_config, **moe):
   return cfg.validate(c)
 
 
+@pytest.mark.slow
 def test_upcycle(dense_model):
   model, d = dense_model
   dense_cfg, dense = hf_load.load_pretrained(d)
@@ -298,6 +300,7 @@ def test_errors(moe_model, dense_model):
 
 # ------------------------------------------------------------------------------------- CLI (g)
 
+@pytest.mark.slow
 def test_convert_cli_roundtrip(tmp_path):
   from apollo_jax import convert_from_hf
   # dims of configs/tiny.py, so that --config=configs/tiny.py agrees with the checkpoint

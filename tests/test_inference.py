@@ -56,6 +56,7 @@ def test_workdir_config_checkpoints_and_tokenizer(workdir):
   assert np.abs(_flat(lm.params)["['norm']['scale']"] - tf.restore_params(workdir, 2)["['norm']['scale']"]).max() > 0
 
 
+@pytest.mark.slow
 def test_params_sharded_on_the_mesh(workdir):
   ref = inference.load(workdir, devices=ONE).logits(IDS)
   lm = inference.load(workdir, mesh=dict(data=1, fsdp=2, expert=2, tensor=2))
@@ -69,6 +70,7 @@ def test_params_sharded_on_the_mesh(workdir):
   assert dict(default.mesh.shape)["fsdp"] == 8
 
 
+@pytest.mark.slow
 def test_hf_and_converted_dirs_logits_and_score(hf_moe, tmp_path):
   model, path = hf_moe
   tok = load_tokenizer(lf.SAMPLE_TOKENIZER)

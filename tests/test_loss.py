@@ -99,6 +99,7 @@ def tiny_bf16():
   return c, model, params, batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [False, True])
 def test_both_heads_give_fp32_logits_with_fp32_accumulation(tiny_bf16, tie):
   c, _, params, batch = tiny_bf16
@@ -117,6 +118,7 @@ def test_both_heads_give_fp32_logits_with_fp32_accumulation(tiny_bf16, tie):
   assert np.any(np.asarray(logits) != np.asarray(logits.astype(jnp.bfloat16), np.float32))
 
 
+@pytest.mark.slow
 def test_train_loss_is_plain_ce_of_the_logits(tiny_bf16):
   """forward (chunked, params cast up front) = masked CE of the model's own logits, and the
   up-front cast changes no number of the loss, its metrics, or the gradients."""

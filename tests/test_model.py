@@ -69,6 +69,7 @@ def tokens(seed=1, shape=(B, S)):
 LANG = jnp.asarray(np.arange(B * S).reshape(B, S) % 50, jnp.int32)
 
 
+@pytest.mark.slow
 def test_logits_shape_dtype_and_param_tree():
   c = make_config()
   module, params = init(c)
@@ -93,6 +94,7 @@ def test_layer_plan():
   assert [p["stacked"] for p in layer_plan(from_config(c))] == [False] * 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [False, True])
 def test_packed_segments_are_isolated(train):
   c = make_config()
@@ -116,6 +118,7 @@ def test_packed_segments_are_isolated(train):
   assert_close(base[0, 11:], alone[0], dtype=np.float32, terms=net_terms(c))
 
 
+@pytest.mark.slow
 def test_positions_enter_through_rope():
   c = make_config()
   module, params = init(c)
@@ -131,6 +134,7 @@ def test_positions_enter_through_rope():
   assert_close(spread[:, 0], base[:, 0], dtype=np.float32, terms=net_terms(c))
 
 
+@pytest.mark.slow
 def test_bf16_compute_close_to_fp32():
   c = make_config()
   module, params = init(c)
@@ -144,6 +148,7 @@ def test_bf16_compute_close_to_fp32():
   assert 0 < err < bound, (err, bound)
 
 
+@pytest.mark.slow
 def test_analysis_sows_chosen_experts():
   c = make_config("moe_layers=last:2")
   c.moe.analysis = True
@@ -190,6 +195,7 @@ def restack(unscanned, config):
   return out
 
 
+@pytest.mark.slow
 def test_scan_and_unrolled_layers_agree():
   c = make_config("moe_layers=1", num_layers=4)
   c.model.scan_layers = False
@@ -213,6 +219,7 @@ def _loss_and_grads(c, params, ids):
   return jax.jit(jax.grad(loss, has_aux=True))(params)
 
 
+@pytest.mark.slow
 def test_remat_gives_identical_logits_and_grads():
   c = make_config(num_layers=2)       # one scanned dense layer + one MoE layer: both rematted
   _, params = init(c)
@@ -227,6 +234,7 @@ def test_remat_gives_identical_logits_and_grads():
       assert_close(a, b, dtype=np.float32, terms=2 * net_terms(c) + c.model.vocab_size + B * S)
 
 
+@pytest.mark.slow
 def test_expert_padding_matches_unpadded():
   c = make_config()
   c.moe.impl, c.moe.capacity_factor = "capacity", 1.0   # drops happen; capacity counts real experts

@@ -141,6 +141,7 @@ def jnp_dense_loss(params, x, choices, mode, norm, shared, r):
   return jnp.sum(y.reshape(r.shape) * r)
 
 
+FAST_CASES = ("hybrid_train", "language_k2", "hybrid_eval")     # the fast tier (-m "not slow"); CI runs all
 CASES = {  # name: (config fields, train, reference mode)
     "hybrid_train": (dict(routing="hybrid"), True, "hybrid"),
     "hybrid_eval": (dict(routing="hybrid"), False, "topk"),
@@ -152,7 +153,8 @@ CASES = {  # name: (config fields, train, reference mode)
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [n if n in FAST_CASES else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in CASES])
 def test_moe_matches_reference_forward_and_grads(name):
   fields, train, mode = CASES[name]
   c = make_config(**fields)
@@ -184,6 +186,7 @@ def test_moe_matches_reference_forward_and_grads(name):
     assert fallback == bool(np.abs(_flat(got_p)["gate/kernel"]).max() > 0)
 
 
+@pytest.mark.slow
 def test_tight_capacity_drops_exactly_as_reference():
   c = make_config(routing="hybrid", capacity_factor=0.5, min_capacity=1, group_size=8, impl="capacity")
   block, params, x = init_block(c, seed=3)
@@ -234,6 +237,7 @@ def test_group_shape():
         assert G * g == B_ * S_ and g == _brute_group(B_, S_, gs), (B_, S_, gs, G, g)
 
 
+@pytest.mark.slow
 def test_dropless_keeps_a_single_family_group_that_capacity_drops():
   """Every token in one family (a monolingual group): Hybrid-k forces all of them onto that
   expert, which overflows capacity factor 2 (C = 10 of 16 tokens); dropless computes every
@@ -279,6 +283,7 @@ def old_einsum_capacity(params, c, x, seg, fam):
   return jnp.einsum("GSEC,EGCM->GSM", combine, y).reshape(B, S, M)
 
 
+@pytest.mark.slow
 def test_capacity_gather_scatter_equals_the_old_einsums():
   c = make_config(routing="hybrid", impl="capacity", capacity_factor=0.75, min_capacity=1, group_size=8)
   block, params, x = init_block(c, seed=13)
@@ -297,7 +302,8 @@ def test_capacity_gather_scatter_equals_the_old_einsums():
     assert_close(g, want, dtype=np.float32, terms=2 * TERMS + B * S, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("kernel,block", [("blocks", 4), ("blocks", 32), ("ragged", 1)])
+@pytest.mark.parametrize("kernel,block", [pytest.param("blocks", 4, marks=pytest.mark.slow), ("blocks", 32),
+                                          ("ragged", 1)])
 def test_dropless_kernels_equal_all_experts_reference(kernel, block):
   """moe_ffn with invalid slots, any block size, each kernel = every expert on every token
   weighted by a dense [N, E] matrix (forward and every gradient)."""

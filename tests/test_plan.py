@@ -46,6 +46,7 @@ def hooked():
   return c, mesh, state, compiled, lines
 
 
+@pytest.mark.slow
 def test_hook_prints_the_plan_and_returns_the_compiled_step(hooked):
   c, mesh, state, compiled, lines = hooked
   text = "\n".join(lines)
@@ -59,6 +60,7 @@ def test_hook_prints_the_plan_and_returns_the_compiled_step(hooked):
   assert memory_plan.before_training(c2, mesh, "jitted", state, lines.append) == "jitted"
 
 
+@pytest.mark.slow
 def test_memory_and_flops_match_hand_counts_and_a_real_compile(hooked):
   c, mesh, state, compiled, _ = hooked
   p = memory_plan.make_plan(c, mesh, compiled)
@@ -117,6 +119,7 @@ def test_cli_on_the_0p5b_shape():
   assert "(fits)" in text
 
 
+@pytest.mark.slow
 def test_fsdp_weights_are_all_gathered_in_bf16(tmp_path):
   """bf16 compute: every FSDP weight is gathered as bf16, except the fp32 MoE routers. Read
   after SPMD partitioning (XLA:CPU later widens bf16 collectives to f32; GPU/TPU do not)."""

@@ -96,6 +96,7 @@ def _state(config, devices, seed):
   return jax.tree_util.tree_map_with_path(fill, abstract, shardings), abstract, shardings
 
 
+@pytest.mark.slow
 def test_resume_across_expert_padding(tmp_path):
   """8 padded experts on an expert=2 mesh -> 7 unpadded on expert=1 (fsdp=4) -> back to 8 on
   expert=4: params and optimizer moments of the 7 real experts survive every hop exactly; a
@@ -189,6 +190,7 @@ jax.distributed.shutdown()
 """
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_process_stops_all_at_the_same_step(tmp_path):
   import socket
   script = tmp_path / "stop.py"

@@ -96,6 +96,7 @@ def reference(request):
   return config, params, b, run(config, mesh, params, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
 def test_same_logits_and_grads_on_8_devices(reference, shape):
   config, params, b, (logits1, loss1, grads1, moe1) = reference
@@ -121,6 +122,7 @@ def test_same_logits_and_grads_on_8_devices(reference, shape):
     assert_close(b8, a, dtype=np.float32, terms=net + tokens)
 
 
+@pytest.mark.slow
 def test_capacity_dropped_and_dropless_did_not(reference):
   """The comparison above covers the capacity-drop path, and dropless really drops nothing."""
   moe = reference[3][3]

@@ -78,6 +78,7 @@ def test_loss_and_family_metrics_match_numpy():
   assert set(got) == {f"loss/{languages.FAMILIES[f]}" for f in set(fam[mask > 0].tolist())}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accum", [1, 2])
 def test_train_step_is_mean_over_micro_batches(accum):
   c = _config(grad_accum=accum)
