@@ -38,10 +38,6 @@ def write_config(config, workdir: str):
       dst.write_bytes(epath.Path(tok).read_bytes())
 
 
-def is_workdir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isdir(os.path.join(path, "checkpoints"))
-
-
 # The three kinds of model directory, and what makes one: the single classifier behind
 # inference.load (--model of every command) and --config.init_from.
 MODEL_DIRS = {
