@@ -4,9 +4,9 @@ Post-MoE -> `Qwen2MoeForCausalLM` (`mlp_only_layers` = the dense layers, `num_ex
 experts: padded experts are dropped, `moe_intermediate_size = intermediate_size`, no shared
 expert: `shared_expert_intermediate_size=0` plus the zero-size shared-expert tensors and a zero
 `shared_expert_gate`, which transformers and vLLM build unconditionally); dense ->
-`Qwen2ForCausalLM`. Weights are the inverse of hf_load.params_from_hf (per-expert legacy key names,
-what `save_pretrained` writes; torch [out, in] layout), so `convert_from_hf` of an export gives
-back identical params. Tied embeddings store no lm_head, as HF does.
+`Qwen2ForCausalLM`. Weights are named by hf/names.py, the table hf/load.py imports through
+(per-expert keys, torch [out, in] layout), so `convert_from_hf` of an export gives back identical
+params. Tied embeddings store no lm_head, as HF does.
 
 What stock HF cannot represent: `moe.routing='language'` routes every token by its language id,
 which HF's top-k router never sees. The export refuses it unless `force_topk=True` (the HF model
@@ -24,6 +24,7 @@ import numpy as np
 from apollo_jax import config as cfg
 from apollo_jax import languages
 from apollo_jax.hf import load as hf_load
+from apollo_jax.hf import names as hf_names
 from apollo_jax.hf import tokenizer as tokenizer_export
 from apollo_jax.model.size import count_params
 from apollo_jax.hf.safetensors import write_safetensors
@@ -84,41 +85,21 @@ def hf_config(config, dtype, token_ids) -> dict:
 
 
 def state_dict(params, config) -> dict:
-  """Our params -> {HF name: float32 numpy} in torch layout, in checkpoint order."""
-  top, layers = hf_load.split_layers(jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params),
-                                config)
-  H, E = config.model.hidden_size, config.moe.num_experts
-  moe = set(moe_layers(config))
-  out = {"model.embed_tokens.weight": top["embed_tokens"]["embedding"]}
-  swiglu = lambda d, p: {f"{p}{n}.weight": d[n]["kernel"].T for n in ("gate_proj", "up_proj", "down_proj")}
-  for i, layer in enumerate(layers):
-    p = f"model.layers.{i}."
-    attn = layer["self_attn"]
-    for n in ("q_proj", "k_proj", "v_proj"):
-      out[f"{p}self_attn.{n}.weight"] = attn[n]["kernel"].T
-      out[f"{p}self_attn.{n}.bias"] = attn[n]["bias"]
-    out[f"{p}self_attn.o_proj.weight"] = attn["o_proj"]["kernel"].T
-    mlp = layer["mlp"]
-    if i not in moe:
-      out.update(swiglu(mlp, p + "mlp."))
-    else:
-      out[p + "mlp.gate.weight"] = mlp["gate"]["kernel"].T                       # [E, H]
-      for j in range(E):                                                         # padded experts dropped
-        for n in ("gate_proj", "up_proj", "down_proj"):
-          out[f"{p}mlp.experts.{j}.{n}.weight"] = mlp["experts"][n][j].T
-      if config.moe.shared_expert:
-        out.update(swiglu(mlp["shared_expert"], p + "mlp.shared_expert."))
-        out[p + "mlp.shared_expert_gate.weight"] = mlp["shared_expert_gate"]["kernel"].T
-      else:                  # size-0 shared expert: HF computes an exact 0 (empty matmul)
-        out[p + "mlp.shared_expert.gate_proj.weight"] = np.zeros((0, H), np.float32)
-        out[p + "mlp.shared_expert.up_proj.weight"] = np.zeros((0, H), np.float32)
-        out[p + "mlp.shared_expert.down_proj.weight"] = np.zeros((H, 0), np.float32)
-        out[p + "mlp.shared_expert_gate.weight"] = np.zeros((1, H), np.float32)
-    out[p + "input_layernorm.weight"] = layer["input_layernorm"]["scale"]
-    out[p + "post_attention_layernorm.weight"] = layer["post_attention_layernorm"]["scale"]
-  out["model.norm.weight"] = top["norm"]["scale"]
-  if not config.model.tie_embeddings:
-    out["lm_head.weight"] = top["lm_head"]["kernel"].T
+  """Our params -> {HF name: float32 numpy} in torch layout, in checkpoint order (hf/names.py);
+  padded experts are dropped."""
+  top, layers = hf_load.split_layers(
+      jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params), config)
+  out = {}
+  for name in hf_names.names(config):
+    w = top if name.layer is None else layers[name.layer]
+    for k in name.path:
+      w = w[k]
+    w = w if name.expert is None else w[name.expert]
+    out[name.hf] = w.T if name.transpose else w
+  if not config.moe.shared_expert:
+    for i in moe_layers(config):
+      out.update({k: np.zeros(shape, np.float32)
+                  for k, shape in hf_names.empty_shared_expert(i, config.model.hidden_size).items()})
   return out
 
 

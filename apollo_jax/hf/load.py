@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from apollo_jax import config as cfg
+from apollo_jax.hf import names as hf_names
 from apollo_jax.hf.config import apply_overrides, check_same_model, config_from_hf, read_hf_config
 from apollo_jax.model import config as model_config
 from apollo_jax.model.transformer import abstract_params, build_model, layer_plan
@@ -89,100 +90,71 @@ def finish_tree(params, config, what="params"):
 
 # ------------------------------------------------------------------------------------ HF -> ours
 
-class _State:
-  """Pops tensors by HF name so that leftovers can be reported as unexpected."""
-
-  def __init__(self, state):
-    self.s = dict(state)
-    self.missing = []
-
-  def has(self, key):
-    return key in self.s
-
-  def take(self, key):
-    if key not in self.s:
-      self.missing.append(key)
-      return None
-    return np.asarray(self.s.pop(key), np.float32)
-
-  def t(self, key):           # torch Linear [out, in] -> Flax kernel [in, out]
-    w = self.take(key)
-    return None if w is None else w.T
+def _set(tree, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
 
 
-def _swiglu(st, p):
-  return {n: {"kernel": st.t(f"{p}{n}.weight")} for n in ("gate_proj", "up_proj", "down_proj")}
-
-
-def _experts(st, p, n_real, n_pad):
-  if st.has(p + "experts.gate_up_proj"):          # transformers-5 fused layout
-    gu, down = st.take(p + "experts.gate_up_proj"), st.take(p + "experts.down_proj")
-    if gu is None or down is None:
-      return None
-    i = gu.shape[1] // 2
-    g, u, d = gu[:, :i].transpose(0, 2, 1), gu[:, i:].transpose(0, 2, 1), down.transpose(0, 2, 1)
-  else:                                           # legacy per-expert keys (what save_pretrained writes)
-    w = {n: [st.t(f"{p}experts.{j}.{n}.weight") for j in range(n_real)]
-         for n in ("gate_proj", "up_proj", "down_proj")}
-    if any(x is None for v in w.values() for x in v):
-      return None
-    g, u, d = (np.stack(w[n]) for n in ("gate_proj", "up_proj", "down_proj"))
-  if g.shape[0] != n_real:
-    raise ValueError(f"{p}experts: checkpoint has {g.shape[0]} experts, config says {n_real}")
-  pad = lambda x: np.concatenate([x, np.zeros((n_pad - n_real,) + x.shape[1:], np.float32)])
-  return {"gate_proj": pad(g), "up_proj": pad(u), "down_proj": pad(d)}
-
-
-def _layer(st, i, moe, config):
-  p = f"model.layers.{i}."
-  attn = {n: {"kernel": st.t(f"{p}self_attn.{n}.weight"), "bias": st.take(f"{p}self_attn.{n}.bias")}
-          for n in ("q_proj", "k_proj", "v_proj")}
-  attn["o_proj"] = {"kernel": st.t(f"{p}self_attn.o_proj.weight")}
-  st.s.pop(f"{p}self_attn.rotary_emb.inv_freq", None)     # old checkpoints: a recomputed buffer
-  out = {"input_layernorm": {"scale": st.take(p + "input_layernorm.weight")}, "self_attn": attn,
-         "post_attention_layernorm": {"scale": st.take(p + "post_attention_layernorm.weight")}}
-  if not moe:
-    out["mlp"] = _swiglu(st, p + "mlp.")
-    return out
-  mp = p + "mlp."
-  mlp = {"gate": {"kernel": st.t(mp + "gate.weight")},
-         "experts": _experts(st, mp, config.moe.num_experts, cfg.padded_num_experts(config))}
-  if config.moe.shared_expert:
-    mlp["shared_expert"] = _swiglu(st, mp + "shared_expert.")
-    mlp["shared_expert_gate"] = {"kernel": st.t(mp + "shared_expert_gate.weight")}
-  else:  # Qwen2-MoE with shared_expert_intermediate_size=0 stores empty shared-expert tensors
-    shared = [k for k in st.s if k.startswith(mp + "shared_expert.")]
-    if all(st.s[k].size == 0 for k in shared):
-      for k in shared + [mp + "shared_expert_gate.weight"]:
-        st.s.pop(k, None)
-  out["mlp"] = mlp
-  return out
+def _normalise(state, config) -> dict:
+  """The checkpoint in the per-expert layout of hf/names.py: fused expert tensors split per expert
+  (exact), RoPE buffers and empty shared-expert placeholders dropped."""
+  state = dict(state)
+  moe = cfg.moe_layer_indices(config.moe.layers, config.model.num_layers)
+  for i in range(config.model.num_layers):
+    state.pop(hf_names.rotary_buffer(i), None)
+  for i in moe:
+    gate_up, down = hf_names.fused_experts(i)
+    if gate_up in state and down in state:
+      gu, d = state.pop(gate_up), state.pop(down)
+      if gu.shape[0] != config.moe.num_experts:
+        raise ValueError(f"{gate_up}: checkpoint has {gu.shape[0]} experts, config says "
+                         f"{config.moe.num_experts}")
+      half = gu.shape[1] // 2
+      for j in range(gu.shape[0]):
+        p = f"model.layers.{i}.mlp.experts.{j}."
+        state.update({p + "gate_proj.weight": gu[j, :half], p + "up_proj.weight": gu[j, half:],
+                      p + "down_proj.weight": d[j]})
+    empty = hf_names.empty_shared_expert(i, config.model.hidden_size)
+    if not config.moe.shared_expert and all(np.size(state.get(k, 0)) == 0
+                                            for k in empty if ".shared_expert." in k):
+      for k in empty:
+        state.pop(k, None)
+  return state
 
 
 def params_from_hf(state: dict, config) -> dict:
   """HF tensors -> our param tree (float32 numpy). Errors name missing/unexpected tensors."""
-  st = _State(state)
-  moe_idx = set(cfg.moe_layer_indices(config.moe.layers, config.model.num_layers))
-  layers = [_layer(st, i, i in moe_idx, config) for i in range(config.model.num_layers)]
-  emb = st.take("model.embed_tokens.weight")
-  top = {"embed_tokens": {"embedding": emb}, "norm": {"scale": st.take("model.norm.weight")}}
-  if config.model.tie_embeddings:
-    head = st.s.pop("lm_head.weight", None)
-    if head is not None and emb is not None and not np.array_equal(np.asarray(head, np.float32), emb):
+  state = _normalise(state, config)
+  top, layers, experts, missing = {}, [{} for _ in range(config.model.num_layers)], {}, []
+  for name in hf_names.names(config):
+    if name.hf not in state:
+      missing.append(name.hf)
+      continue
+    w = np.asarray(state.pop(name.hf), np.float32)
+    w = w.T if name.transpose else w
+    if name.expert is None:
+      _set(top if name.layer is None else layers[name.layer], name.path, w)
+    else:
+      experts.setdefault((name.layer, name.path), []).append(w)
+  if config.model.tie_embeddings and "lm_head.weight" in state:
+    head, emb = np.asarray(state.pop("lm_head.weight"), np.float32), top["embed_tokens"]["embedding"]
+    if not np.array_equal(head, emb):
       raise ValueError("config has tie_word_embeddings=true but lm_head.weight differs from "
-                       "model.embed_tokens.weight (max |diff| "
-                       f"{np.abs(np.asarray(head, np.float32) - emb).max():.3g}); set "
+                       f"model.embed_tokens.weight (max |diff| {np.abs(head - emb).max():.3g}); set "
                        "tie_word_embeddings=false in config.json to keep a separate head")
-  else:
-    top["lm_head"] = {"kernel": st.t("lm_head.weight")}
-  if st.missing:
-    raise ValueError(f"checkpoint is missing {len(st.missing)} tensor(s) the config needs: "
-                     f"{', '.join(st.missing[:20])}")
-  if st.s:
-    extra = sorted(st.s)
+  if missing:
+    raise ValueError(f"checkpoint is missing {len(missing)} tensor(s) the config needs: "
+                     f"{', '.join(missing[:20])}")
+  if state:
+    extra = sorted(state)
     raise ValueError(f"checkpoint has {len(extra)} unexpected tensor(s) for this config "
-                     f"(moe.layers={config.moe.layers!r}, shared_expert={config.moe.shared_expert}): "
-                     f"{', '.join(extra[:20])}")
+                     f"(moe.layers={config.moe.layers!r}, num_experts={config.moe.num_experts}, "
+                     f"shared_expert={config.moe.shared_expert}): {', '.join(extra[:20])}")
+  n_pad = cfg.padded_num_experts(config)
+  for (i, path), ws in experts.items():
+    pad = np.zeros((n_pad - len(ws),) + ws[0].shape, np.float32)
+    _set(layers[i], path, np.concatenate([np.stack(ws), pad]))
   return finish_tree(join_layers(top, layers, config), config, "converted HF params")
 
 
