@@ -2,7 +2,7 @@
 seeded dev subset of ApolloMoEBench with the current params, on the training mesh (through
 `inference.LM`, the same scorer as `python -m apollo_jax.evaluate`).
 
-train.py builds it once (`make`, None when off) and, at steps where `due(step)`, merges
+train.py builds it once (`make`, None when off) and, every `bench_eval.every` steps and at the last, merges
 `bench(params)` into the logged record: bench/<code> per language, bench/major, bench/minor, and
 bench_norm/major, bench_norm/minor for the length-normalised variant (accuracies in [0, 1]).
 """
@@ -30,7 +30,6 @@ def dev_subset(items, fraction: float, seed: int):
 class BenchEval:
   def __init__(self, config, mesh, tokenizer):
     b = config.bench_eval
-    self.every, self.last = b.every, config.steps
     pool, _ = bench.read(b.files, config.data.skip_bad_records)
     self.templates = prompts_lib.load_templates(b.templates)
     self.prompts, self.skipped = prompts_lib.build(dev_subset(pool, b.fraction, b.seed), pool,
@@ -38,9 +37,6 @@ class BenchEval:
     self.batch_size = b.batch_size
     # one LM (its jitted forward compiles once per shape); each run swaps in the current params
     self.lm = inference.LM(inference.inference_config(config), None, tokenizer, mesh)
-
-  def due(self, step: int) -> bool:
-    return step % self.every == 0 or step == self.last
 
   def __call__(self, params) -> dict:
     self.lm.params = params

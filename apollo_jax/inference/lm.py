@@ -32,7 +32,7 @@ from apollo_jax.runtime import sharding
 from apollo_jax.runtime import workdir as workdir_io
 from apollo_jax.data import chat as chat_lib
 from apollo_jax.data.tokenizer import HFTokenizer, load_tokenizer
-from apollo_jax.model.transformer import build_model, unbox
+from apollo_jax.model.transformer import abstract_variables, build_model, unbox
 
 
 def inference_config(config, expert_multiple=None):
@@ -74,8 +74,7 @@ def choose_mesh(config, devices=None, mesh=None):
 
 def _abstract(config, mesh):
   """(unboxed abstract params, their NamedShardings on `mesh`)."""
-  module = build_model(config, mesh)
-  boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+  boxed = abstract_variables(build_model(config, mesh))
   with sharding.activate(mesh):
     shardings = sharding.param_shardings(boxed, mesh)["params"]
   return unbox(boxed)["params"], shardings

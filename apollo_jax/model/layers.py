@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 
 from apollo_jax.model import attention, kv_cache
-from apollo_jax.model.attention import attention_mask  # noqa: F401 (re-exported)
 
 Dtype = Any
 

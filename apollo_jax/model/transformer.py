@@ -161,12 +161,18 @@ def build_model(config, mesh=None) -> nn.Module:
   return Transformer(model_config.from_config(config, mesh))
 
 
+def abstract_variables(model, batch_shape=(1, 8)) -> dict:
+  """Boxed jax.ShapeDtypeStruct tree of `model.init`'s variables (shapes and logical axes, nothing
+  allocated). The shapes do not depend on `batch_shape`; a mesh-sharded model needs a batch its
+  batch axes divide."""
+  ids = jnp.zeros(batch_shape, jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))
+
+
 def abstract_params(config) -> dict:
-  """Unboxed jax.ShapeDtypeStruct tree of the params of build_model(config) (nothing allocated;
-  the shapes do not depend on the mesh it runs under)."""
-  ids = jnp.zeros((1, 8), jnp.int32)
-  shapes = jax.eval_shape(lambda: build_model(config).init(jax.random.PRNGKey(0), ids))
-  return unbox(shapes["params"])
+  """Unboxed jax.ShapeDtypeStruct tree of the params of build_model(config) (the shapes do not
+  depend on the mesh it runs under)."""
+  return unbox(abstract_variables(build_model(config))["params"])
 
 
 def unbox(tree):

@@ -2,6 +2,7 @@
 state, then step, log, evaluate, checkpoint and stop on SIGTERM or a non-finite loss.
 """
 
+import contextlib
 import os
 import signal
 import time
@@ -134,76 +135,122 @@ def _loop(config, workdir, mesh, model, tx, state, shardings, data, ckpt, stop):
     log.write(0, ev0)                          # analysis/plots.py draws the eval curve from step 0
     log.print(f"step 0: eval_loss {summary['eval_loss_start']:.4f}")
 
-  def check(step, m):
-    loss, gnorm = float(m["loss"]), float(m["grad_norm"])
-    if not (np.isfinite(loss) and np.isfinite(gnorm)):
-      raise NonFiniteLoss(
-          f"non-finite loss at step {step} (loss={loss}, grad_norm={gnorm}); stopped WITHOUT saving "
-          f"this state. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}. Try a lower "
-          "--config.optim.lr, a longer warmup, or check the data; rerunning resumes from that checkpoint.")
-    return loss
-
-  step, status, pending = start, "done", None
-  t0, t_steps, excluded, total_time, total_steps = None, start, 0.0, 0.0, 0
+  step, status = start, "done"
+  chrono, guard = Chrono(), FiniteGuard(ckpt)
   while step < config.steps:
-    batch = global_batch(next(data.train_iter), mesh, rows)
-    state, m = train_fn(state, batch)
+    state, m = train_fn(state, global_batch(next(data.train_iter), mesh, rows))
     step += 1
-    if pending is not None:          # check the previous step while this one runs
-      check(*pending)
-    pending = (step, m)
-    stopping = stop.requested(step)
-    do_eval = config.eval_every > 0 and (step % config.eval_every == 0 or step == config.steps)
-    do_bench = bench is not None and bench.due(step)
-    do_log = step % config.log_every == 0 or step == config.steps or do_eval or do_bench or stopping
-    do_ckpt = step % config.ckpt.every == 0 or step == config.steps or stopping
-    if t0 is None:                   # the first step compiled: time from here on
+    guard.push(step, m)
+    if not chrono.running:           # the first step compiled: time from here on
       jax.block_until_ready(m["loss"])
-      t0, t_steps = time.time(), step
-    if not (do_log or do_ckpt):
+      chrono.restart(step)
+    stopping = stop.requested(step)
+    eval_now = due(config.eval_every, step, config.steps)
+    bench_now = bench is not None and due(config.bench_eval.every, step, config.steps)
+    log_now = due(config.log_every, step, config.steps) or eval_now or bench_now or stopping
+    save_now = due(config.ckpt.every, step, config.steps) or stopping
+    if not (log_now or save_now):
       log.advance(1)
       continue
-    loss = check(*pending)           # never save or report a non-finite state
-    pending = None
+    loss = guard.now()               # never save or report a non-finite state
     log.advance(1, loss=loss)
-    if do_log:
-      now = time.time()
+    if log_now:
       rec = {"loss": loss, "ce": m["ce"], "aux_loss": m["aux_loss"], "lr": m["lr"],
              "grad_norm": m["grad_norm"], "tokens_per_s": None, "mfu": None}
-      if step > t_steps:
-        dt = now - t0 - excluded
-        rec["tokens_per_s"] = (step - t_steps) * tokens_per_step / dt
+      steps_per_s = chrono.lap(step)
+      if steps_per_s is not None:
+        rec["tokens_per_s"] = steps_per_s * tokens_per_step
         rec["mfu"] = mx.mfu(config, rec["tokens_per_s"], peak)
-        total_time, total_steps = total_time + dt, total_steps + step - t_steps
-        summary["tokens_per_s"] = total_steps * tokens_per_step / total_time
+        summary["tokens_per_s"] = chrono.mean_steps_per_s * tokens_per_step
       rec.update(ts.family_losses(m["family_ce_sum"], m["family_count"]))
       rec.update({k: v for k, v in m.items() if k.startswith("moe/")})
-      if do_eval:
-        t_eval = time.time()
-        rec.update(evaluate(eval_fn, state["params"], data, mesh, rows))
+      if eval_now:
+        with chrono.paused():
+          rec.update(evaluate(eval_fn, state["params"], data, mesh, rows))
         summary["eval_loss"] = rec["eval_loss"]
         log.print(f"step {step}: loss {loss:.4f}  eval_loss {rec['eval_loss']:.4f}")
-        excluded += time.time() - t_eval
-      if do_bench:
-        t_bench = time.time()
-        rec.update(bench(state["params"]))
-        excluded += time.time() - t_bench
+      if bench_now:
+        with chrono.paused():
+          rec.update(bench(state["params"]))
       log.write(step, rec)
       summary["loss"] = loss
-    if do_ckpt:
-      t_ckpt = time.time()
-      ckpt.save(step, state, data.train_iter)
+    if save_now:
+      with chrono.paused():
+        ckpt.save(step, state, data.train_iter)
       if stopping:
         ckpt.wait()
         status = "preempted"
         log.print(f"SIGTERM: saved checkpoint at step {step} in {ckpt.directory}; exiting. "
                   "Rerun the same command to resume.")
         break
-      excluded += time.time() - t_ckpt
-    if do_log:                       # restart the throughput window after log/eval/save work
-      t0, t_steps, excluded = time.time(), step, 0.0
+    if log_now:                      # the next throughput window starts after this step's work
+      chrono.restart(step)
   log.close()
   return {**summary, "step": step, "status": status}
+
+
+def due(every: int, step: int, last: int) -> bool:
+  """A periodic schedule: every `every` steps and at the last step; never when `every` <= 0."""
+  return every > 0 and (step % every == 0 or step == last)
+
+
+class Chrono:
+  """Training throughput, window by window: a window opens at `restart(step)` and `lap(step)`
+  closes it; time inside `paused()` (eval, benchmark, checkpoint) does not count."""
+
+  def __init__(self):
+    self.running, self.t0, self.step0, self.pause = False, 0.0, 0, 0.0
+    self.total_s, self.total_steps = 0.0, 0
+
+  def restart(self, step: int):
+    self.running, self.t0, self.step0, self.pause = True, time.time(), step, 0.0
+
+  @contextlib.contextmanager
+  def paused(self):
+    t = time.time()
+    try:
+      yield
+    finally:
+      self.pause += time.time() - t
+
+  def lap(self, step: int):
+    """Steps per second since the window opened (None if no step ran in it)."""
+    if step <= self.step0:
+      return None
+    dt = time.time() - self.t0 - self.pause
+    self.total_s, self.total_steps = self.total_s + dt, self.total_steps + step - self.step0
+    return (step - self.step0) / dt
+
+  @property
+  def mean_steps_per_s(self) -> float:
+    return self.total_steps / self.total_s
+
+
+class FiniteGuard:
+  """Checks each step's loss one step late, so the host never waits for the step it has just
+  dispatched; `now()` checks the newest step at once, before anything is logged or saved."""
+
+  def __init__(self, ckpt):
+    self.ckpt, self.pending = ckpt, None
+
+  def push(self, step, metrics):
+    if self.pending is not None:
+      self._check(*self.pending)
+    self.pending = (step, metrics)
+
+  def now(self) -> float:
+    loss, self.pending = self._check(*self.pending), None
+    return loss
+
+  def _check(self, step, m) -> float:
+    loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+    if not (np.isfinite(loss) and np.isfinite(gnorm)):
+      raise NonFiniteLoss(
+          f"non-finite loss at step {step} (loss={loss}, grad_norm={gnorm}); stopped WITHOUT saving "
+          f"this state. Last good checkpoint: step {self.ckpt.latest_step()} in {self.ckpt.directory}. "
+          "Try a lower --config.optim.lr, a longer warmup, or check the data; rerunning resumes from "
+          "that checkpoint.")
+    return loss
 
 
 def evaluate(eval_fn, params, data, mesh, rows):

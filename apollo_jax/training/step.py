@@ -23,7 +23,7 @@ from apollo_jax.training import loss
 from apollo_jax.training import optimizer
 from apollo_jax.runtime import sharding
 from apollo_jax.model import layers
-from apollo_jax.model.transformer import unbox
+from apollo_jax.model import transformer
 
 FAMILY_OF_LANGUAGE = languages.expert_map("family7")
 NUM_FAMILIES = len(languages.FAMILIES)
@@ -32,20 +32,13 @@ BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "
 
 # ----------------------------------------------------------------------------- state
 
-def abstract_params(model, config):
-  """Boxed abstract variables of `model.init` (shapes + logical axes) and the init function."""
-  ids = jnp.zeros((config.global_batch // config.grad_accum, config.data.seq_len), jnp.int32)
-
-  def init(rng):
-    return model.init(rng, ids)
-  return jax.eval_shape(init, jax.random.PRNGKey(0)), init
-
-
 def state_shardings(model, config, tx, mesh):
   """(abstract state of ShapeDtypeStructs, matching NamedShardings, params init fn)."""
-  boxed, init = abstract_params(model, config)
+  ids = jnp.zeros((config.global_batch // config.grad_accum, config.data.seq_len), jnp.int32)
+  boxed = transformer.abstract_variables(model, ids.shape)    # a batch the mesh's batch axes divide
+  init = lambda rng: model.init(rng, ids)
   param_sh = sharding.param_shardings(boxed, mesh)["params"]
-  params = unbox(boxed)["params"]
+  params = transformer.unbox(boxed)["params"]
   sharding.check_divisible(params, param_sh)
   opt = jax.eval_shape(tx.init, params)
   rep = sharding.replicated(mesh)
