@@ -17,6 +17,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn")
+MOE_IMPLS = ("dropless", "capacity")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -299,7 +300,7 @@ def validate(config, num_devices: int | None = None):
   need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}; choose one of {REMAT_POLICIES}")
   moe_idx = moe_layer_indices(e.layers, m.num_layers)
   need(e.routing in ROUTING_MODES, f"moe.routing={e.routing!r}; choose one of {ROUTING_MODES}")
-  need(e.impl in ("dropless", "capacity"), f"moe.impl={e.impl!r}; choose 'dropless' or 'capacity'")
+  need(e.impl in MOE_IMPLS, f"moe.impl={e.impl!r}; choose one of {MOE_IMPLS}")
   need(m.attention in ATTENTION_IMPLS, f"model.attention={m.attention!r}; choose one of {ATTENTION_IMPLS}")
   need(m.attention != "cudnn" or config.data.packing == "causal",
        "model.attention='cudnn' takes no segment ids, so it cannot keep packed samples apart; use "

@@ -133,7 +133,7 @@ def worker(a):
       holder["state"] = jax_run(holder["state"])
     runs = {"apollo_jax": jax_step}
     info = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
-            "attention": attention.resolve(config.model.attention, config.data.packing),
+            "attention": attention.resolve(config.model.attention),
             "kernel": dropless.default_kernel()}
   else:
     runs = moe_vs_ffn(a)

@@ -7,6 +7,7 @@ import pytest
 
 from apollo_jax import config as cfg
 from apollo_jax.model import attention
+from apollo_jax.model.transformer import build_model
 from tolerance import assert_close, violation
 
 B, T, KV, R, D = 2, 16, 2, 2, 8
@@ -71,14 +72,13 @@ def test_blocked_keeps_segments_apart(qkv, small_tiles):
 
 
 def test_resolve_per_backend_and_packing():
-  assert attention.resolve("auto", "segment", "cpu") == "blocked"
-  assert attention.resolve("auto", "segment", "gpu") == "xla"
-  assert attention.resolve("cudnn", "causal", "gpu") == "cudnn"
-  with pytest.raises(ValueError, match="segment ids"):
-    attention.resolve("cudnn", "segment", "gpu")
-  with pytest.raises(ValueError, match="model.attention"):
-    attention.resolve("flash", "segment", "cpu")
+  assert attention.resolve("auto", "cpu") == "blocked"
+  assert attention.resolve("auto", "gpu") == "xla"
+  assert attention.resolve("cudnn", "gpu") == "cudnn"
   c = cfg.load("tiny")
   c.model.attention = "cudnn"
-  with pytest.raises(ValueError, match="data.packing='causal'"):
-    cfg.validate(c)
+  with pytest.raises(ValueError, match="no segment ids.*data.packing='causal'"):
+    build_model(c)                             # ModelConfig is only built from a valid config
+  c.model.attention = "flash"
+  with pytest.raises(ValueError, match="model.attention='flash'"):
+    build_model(c)

@@ -1,6 +1,7 @@
 """Chunked cross-entropy = plain cross-entropy (value and gradients, with masks); fp32 logits from
 both heads; casting params to the compute dtype up front changes no number."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,7 +92,7 @@ def tiny_bf16():
   model = transformer.build_model(c)
   k = jax.random.split(jax.random.PRNGKey(1), 4)
   ids = jax.random.randint(k[0], (2, 16), 0, 256)
-  params = ts.unbox(jax.jit(model.init)(k[1], ids))["params"]
+  params = nn.meta.unbox(jax.jit(model.init)(k[1], ids))["params"]
   batch = {"input_ids": ids, "targets": jax.random.randint(k[2], (2, 16), 0, 256),
            "loss_mask": (jax.random.uniform(k[3], (2, 16)) < 0.7).astype(jnp.int32),
            "segment_ids": jnp.ones((2, 16), jnp.int32), "positions": jnp.tile(jnp.arange(16), (2, 1)),

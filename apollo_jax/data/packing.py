@@ -15,6 +15,7 @@ Padding: pad_id input and target, segment 0, loss_mask 0, language 0.
 
 import numpy as np
 
+from apollo_jax import config as cfg
 from apollo_jax.data import chat
 
 KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "language_ids")
@@ -48,8 +49,8 @@ def pack_row(samples, seq_len: int, pad_id: int, mode: str = "segment"):
 
   Samples must fit together (as planned by plan_rows); each one is truncated to seq_len first.
   """
-  if mode not in ("segment", "causal"):
-    raise ValueError(f"data.packing={mode!r}; choose 'segment' or 'causal'")
+  if mode not in cfg.PACKING_MODES:
+    raise ValueError(f"data.packing={mode!r}; choose one of {cfg.PACKING_MODES}")
   row = empty_row(seq_len, pad_id)
   if mode == "causal":
     row["positions"][:] = np.arange(seq_len)    # the original: one position counter per row

@@ -14,7 +14,7 @@ segment (segment 0 = padding: it only sees padding). Packing support per kernel:
            no segment ids, only causal masking and per-row sequence lengths, so it supports
            data.packing="causal" (one causal stream per row, padding at the tail; padding
            queries then see real keys, which changes only padding outputs, never trained on)
-           and NOT data.packing="segment": resolve() raises instead of ignoring the segments.
+           and NOT data.packing="segment": config.validate refuses that instead of ignoring the segments.
   auto     blocked on CPU (measured faster: benchmarks/vs_torch.py), xla elsewhere. cudnn is
            opt-in: it is unmeasured here (no GPU in this project's CI).
 """
@@ -22,21 +22,15 @@ segment (segment 0 = padding: it only sees padding). Packing support per kernel:
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "xla", "blocked", "cudnn")
+KERNELS = ("xla", "blocked", "cudnn")     # what `resolve` returns
 TILE = 128
 
 
-def resolve(impl: str, packing: str, backend: str | None = None) -> str:
-  """The concrete kernel for `impl` under data.packing, with clear errors."""
-  if impl not in IMPLS:
-    raise ValueError(f"model.attention={impl!r}; choose one of {IMPLS}")
-  backend = backend or jax.default_backend()
+def resolve(impl: str, backend: str | None = None) -> str:
+  """The kernel of model.attention=`impl` on `backend` (config.validate has checked `impl` and
+  that cudnn, which takes no segment ids, only meets data.packing='causal')."""
   if impl == "auto":
-    return "blocked" if backend == "cpu" else "xla"
-  if impl == "cudnn" and packing != "causal":
-    raise ValueError("model.attention='cudnn' takes no segment ids, so it cannot keep the samples "
-                     f"of data.packing={packing!r} apart; use data.packing='causal' or "
-                     "model.attention='auto'/'blocked'/'xla'")
+    return "blocked" if (backend or jax.default_backend()) == "cpu" else "xla"
   return impl
 
 
@@ -55,8 +49,8 @@ def attend(q, k, v, segment_ids, impl: str = "xla"):
     return _cudnn(q, k, v, segment_ids)
   if impl == "blocked" and T == S and T % TILE == 0 and T > TILE:
     return _blocked(q, k, v, segment_ids)
-  if impl not in IMPLS:
-    raise ValueError(f"unknown attention kernel {impl!r}; choose one of {IMPLS}")
+  if impl not in KERNELS:
+    raise ValueError(f"unknown attention kernel {impl!r}; choose one of {KERNELS}")
   return _masked(q, k, v, attention_mask(segment_ids))
 
 

@@ -69,8 +69,9 @@ class ModelConfig:
 
 
 def from_config(config, mesh=None, backend: str | None = None) -> ModelConfig:
-  """The ModelConfig of a run's ConfigDict; `mesh` (a jax Mesh or AbstractMesh) is the one the
+  """The ModelConfig of a run's ConfigDict, validated first (config.validate); `mesh` (a jax Mesh or AbstractMesh) is the one the
   model will run under, `backend` defaults to jax's (both only choose kernels and the dispatch)."""
+  cfg.validate(config)
   m, e = config.model, config.moe
   abstract = getattr(mesh, "abstract_mesh", mesh)
   moe = MoEConfig(
@@ -89,4 +90,4 @@ def from_config(config, mesh=None, backend: str | None = None) -> ModelConfig:
       head_dim=m.head_dim if m.head_dim > 0 else m.hidden_size // m.num_heads,
       rope_theta=m.rope_theta, rms_norm_eps=m.rms_norm_eps, tie_embeddings=m.tie_embeddings,
       init_std=m.init_std, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers,
-      attention=attention.resolve(m.attention, config.data.packing, backend), moe=moe)
+      attention=attention.resolve(m.attention, backend), moe=moe)

@@ -28,9 +28,6 @@ from apollo_jax import config as cfg
 from apollo_jax.model import dropless, layers, routing
 from apollo_jax.model.config import ModelConfig
 
-IMPLS = ("dropless", "capacity")
-
-
 def group_shape(B: int, S: int, group_size: int):
   """(G, g): the largest g <= group_size such that g divides S, or g is a multiple of S that
   divides B*S (groups of whole rows). g = 1 always qualifies, so this never fails."""
@@ -141,8 +138,6 @@ class MoEBlock(nn.Module):
     dtype = layers.dtype_of(m.dtype)
     E_real, E, K, I = e.num_experts, e.padded_experts, e.top_k, m.intermediate_size
     B, S_row, M = x.shape
-    if e.impl not in IMPLS:
-      raise ValueError(f"moe.impl={e.impl!r}; choose one of {IMPLS}")
     dropless_ = e.impl == "dropless"
     # Routing groups only matter for capacity; dropless routes each row as one group.
     G, S = (B, S_row) if dropless_ else group_shape(B, S_row, e.group_size)

@@ -15,7 +15,7 @@ Routing modes (config.moe.routing; the original's are in docs/original.md, Routi
 import jax
 import jax.numpy as jnp
 
-MODES = ("topk", "hybrid", "language")
+from apollo_jax import config as cfg
 
 
 def router_probs(logits, num_padded: int):
@@ -50,8 +50,8 @@ def route(probs, k: int, mode: str, family=None, norm_topk_prob: bool = False,
   is_family bool [..., K]); `is_family` marks assignments to the token's own expert f when the
   mode uses language (hybrid/language), which get capacity priority (see `priority_levels`).
   """
-  if mode not in MODES:
-    raise ValueError(f"unknown routing mode {mode!r}; choose one of {MODES}")
+  if mode not in cfg.ROUTING_MODES:
+    raise ValueError(f"unknown routing mode {mode!r}; choose one of {cfg.ROUTING_MODES}")
   _, idx = top_k(probs, k, num_real)
   valid = jnp.ones(idx.shape, bool)
   if mode == "topk":

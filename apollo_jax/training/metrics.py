@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from apollo_jax import config as cfg
+from apollo_jax.model import config as model_config
 
 # Dense bf16 peak FLOP/s per device; matched as lowercase substrings of `device.device_kind`,
 # first match wins (so "v5 lite" is tried before "v5").
@@ -48,21 +48,19 @@ CPU_NOMINAL_FLOPS = 3e11
 
 def active_params(config) -> int:
   """Matmul parameters one token passes through (k routed experts + router; see docstring)."""
-  m, e = config.model, config.moe
-  H, I, V, L = m.hidden_size, m.intermediate_size, m.vocab_size, m.num_layers
-  hd = m.head_dim or H // m.num_heads
+  m = model_config.from_config(config)
+  e, H, I, L, hd = m.moe, m.hidden_size, m.intermediate_size, m.num_layers, m.head_dim
   d_attn = m.num_heads * hd
   attn = H * d_attn + 2 * H * m.num_kv_heads * hd + d_attn * H
-  n_moe = len(cfg.moe_layer_indices(e.layers, L))
   moe = e.top_k * 3 * H * I + H * e.num_experts + ((3 * H * I + H) if e.shared_expert else 0)
-  return L * attn + (L - n_moe) * 3 * H * I + n_moe * moe + H * V
+  return L * attn + (L - len(e.layers)) * 3 * H * I + len(e.layers) * moe + H * m.vocab_size
 
 
 def flops_per_token(config) -> float:
   """Training (forward + backward) model FLOPs per token, MaxText convention (see docstring)."""
-  m = config.model
-  d_attn = m.num_heads * (m.head_dim or m.hidden_size // m.num_heads)
-  return 6.0 * active_params(config) + 6.0 * m.num_layers * config.data.seq_len * d_attn
+  m = model_config.from_config(config)
+  return (6.0 * active_params(config)
+          + 6.0 * m.num_layers * config.data.seq_len * m.num_heads * m.head_dim)
 
 
 def peak_flops(config, devices=None) -> tuple[float, str]:
