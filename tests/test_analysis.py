@@ -8,7 +8,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from apollo_jax import analyze, inference, languages
+from apollo_jax import inference, languages
+from apollo_jax.analysis import routing
 from apollo_jax.analysis import routing_stats
 from apollo_jax.analysis import plots
 from apollo_jax.data import tokenizer as tok_lib
@@ -129,7 +130,7 @@ def test_language_routed_model_puts_each_language_on_its_expert(language_routed,
   rng = np.random.default_rng(0)
   inputs = [(rng.integers(4, 128, n).astype(np.int32), languages.index(code))
             for code in codes for n in (5, 11, 16)]          # ragged: batches carry padding
-  res = analyze.analyze(language_routed, inputs, batch_size=4, max_len=32)
+  res = routing.analyze(language_routed, inputs, batch_size=4, max_len=32)
   assert res["moe_layers"] == [0, 1, 2] and res["tokens"] == 32 * len(codes)
   fam = languages.expert_map("family7")
   lang = res["language"]
@@ -140,21 +141,21 @@ def test_language_routed_model_puts_each_language_on_its_expert(language_routed,
     np.testing.assert_allclose(lang["fraction"][code], [want] * 3, err_msg=code)
   np.testing.assert_allclose(lang["specialization"], 1.0)
   np.testing.assert_allclose(res["family"]["specialization"], 1.0)
-  paths = analyze.write(res, str(tmp_path), "family")
+  paths = routing.write(res, str(tmp_path), "family")
   assert os.path.exists(tmp_path / "routing.json") and len(paths) == 1 + 6 + 2      # 6 families
 
 
 def test_read_inputs_conversations_and_bench(language_routed):
   tok = language_routed.tokenizer
-  conv = analyze.read_inputs(os.path.join(ROOT, "data/sample/apollo_moe_sample.json"), tok, 64)
-  bench = analyze.read_inputs(os.path.join(ROOT, "data/sample/apollo_moe_bench_sample.json"), tok, 4096)
+  conv = routing.read_inputs(os.path.join(ROOT, "data/sample/apollo_moe_sample.json"), tok, 64)
+  bench = routing.read_inputs(os.path.join(ROOT, "data/sample/apollo_moe_bench_sample.json"), tok, 4096)
   assert len(conv) == 280 and max(len(ids) for ids, _ in conv) == 64
   assert {languages.CODES[l] for _, l in conv} == set(languages.CODES)
   assert len(bench) == 136 and {languages.CODES[l] for _, l in bench} == set(languages.CODES)
-  assert analyze.bench_language("headqa") == languages.index("es")
-  assert analyze.bench_language("MMLU_clinical_knowledge_de") == languages.index("de")
+  assert routing.bench_language("headqa") == languages.index("es")
+  assert routing.bench_language("MMLU_clinical_knowledge_de") == languages.index("de")
   with pytest.raises(ValueError, match="unknown language"):
-    analyze.bench_language("mystery-bench")
+    routing.bench_language("mystery-bench")
 
 
 def test_cli_bad_model_path_is_a_clear_error(tmp_path):

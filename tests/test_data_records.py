@@ -1,9 +1,7 @@
 """Readers: both ApolloMoEDataset forms, ApolloMoEBench, file specs, and every bad-record kind."""
 
 import copy
-import json
 import logging
-import os
 
 import pytest
 

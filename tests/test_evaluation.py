@@ -12,7 +12,7 @@ import pytest
 
 from apollo_jax import languages
 from apollo_jax.data import tokenizer as tok_lib
-from apollo_jax.evaluation import aggregate, bench, extract_answer, prompts, report, scoring
+from apollo_jax.evaluation import aggregate, bench, extract_answer, prompts, scoring
 from apollo_jax.evaluation.runner import evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

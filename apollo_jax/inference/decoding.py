@@ -22,6 +22,11 @@ def bucket(n: int, minimum: int = 16) -> int:
   return 1 << (n - 1).bit_length()
 
 
+def round_up(n: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` >= n (e.g. batch rows the mesh's batch axes divide)."""
+  return -(-int(n) // multiple) * multiple
+
+
 def left_pad(seqs, length: int, pad_id: int):
   """Token lists -> (ids, segment_ids, positions) int32 [len(seqs), length], real tokens last."""
   B = len(seqs)
@@ -112,7 +117,7 @@ def generate(decoder, params, prompts, max_new_tokens: int, eos_id: int, pad_id:
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
   B = len(prompts)
-  Bp = -(-bucket(B, 1) // batch_multiple) * batch_multiple
+  Bp = round_up(bucket(B, 1), batch_multiple)
   lengths = np.array([len(p) for p in prompts] + [1] * (Bp - B), np.int32)
   P = bucket(int(lengths.max()))
   L = P + bucket(max_new_tokens)

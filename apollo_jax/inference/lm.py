@@ -134,7 +134,7 @@ class LM:
 
   def _pad_rows(self, *arrays):
     rows = arrays[0].shape[0]
-    n = -(-rows // self.batch_multiple) * self.batch_multiple
+    n = decoding.round_up(rows, self.batch_multiple)
     return [None if a is None else np.concatenate([a, np.zeros((n - rows,) + a.shape[1:], a.dtype)])
             for a in arrays]
 
