@@ -30,6 +30,7 @@ def define_flags():
   flags.DEFINE_integer("batch_size", 8, "sequences per forward pass")
   flags.DEFINE_integer("max_len", 0, "truncate sequences to this many tokens (0: the model's data.seq_len)")
   flags.DEFINE_integer("max_samples", 0, "analyse only the first N records (0: all)")
+  flags.DEFINE_string("cache_dir", "", "where benchmark files' TFDS datasets are built once (default: OUT/data_cache)")
 
 
 def main(argv):
@@ -39,7 +40,8 @@ def main(argv):
   if lm.tokenizer is None:
     raise ValueError(f"{F.model} has no tokenizer to encode --data with")
   max_len = F.max_len or lm.config.data.seq_len
-  inputs = routing.read_inputs(F.data, lm.tokenizer, max_len, F.max_samples)
+  inputs = routing.read_inputs(F.data, lm.tokenizer, max_len, F.max_samples,
+                               F.cache_dir or os.path.join(F.out, "data_cache"))
   result = routing.analyze(lm, inputs, F.batch_size, max_len)
   result.update(model=os.path.abspath(F.model), data=F.data)
   paths = routing.write(result, F.out, F.group)

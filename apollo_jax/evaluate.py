@@ -9,6 +9,7 @@ OUT/predictions.jsonl, OUT/scores.json, OUT/report.md (paper Table 4 layout) and
 OUT/per_language.png.
 """
 
+import os
 import sys
 
 from absl import flags
@@ -39,6 +40,7 @@ def define_flags():
   flags.DEFINE_integer("max_new_tokens", 256, "generation length (original: 256)")
   flags.DEFINE_integer("batch_size", 16, "prompts (generate) or prompt/option pairs (loglik) per call")
   flags.DEFINE_bool("skip_bad", False, "skip and count malformed bench records instead of failing")
+  flags.DEFINE_string("cache_dir", "", "where the bench's TFDS dataset is built once (default: OUT/data_cache)")
 
 
 def main(argv):
@@ -50,7 +52,8 @@ def main(argv):
       limit=FLAGS.limit, languages=FLAGS.languages or None, templates=FLAGS.templates,
       exclude=tuple(x for x in FLAGS.exclude if x), budget=FLAGS.budget,
       max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size, skip_bad=FLAGS.skip_bad,
-      model_name=FLAGS.model if FLAGS.step is None else f"{FLAGS.model}@{FLAGS.step}")
+      model_name=FLAGS.model if FLAGS.step is None else f"{FLAGS.model}@{FLAGS.step}",
+      cache_dir=FLAGS.cache_dir or os.path.join(FLAGS.out, "data_cache"))
   c = scores["counts"]
   fmt = lambda e: "n/a" if e["acc"] is None else f"{100 * e['acc']:.1f}"
   for name, m in scores["methods"].items():

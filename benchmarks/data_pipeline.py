@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from apollo_jax.data import corpus as corpus_lib  # noqa: E402
-from apollo_jax.data import pipeline, records, token_cache  # noqa: E402
+from apollo_jax.data import pipeline, records, tfds_builders, token_cache  # noqa: E402
 from apollo_jax.data import tokenizer as tok_lib  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,11 +110,10 @@ def run(a, work):
 
   workers = token_cache.default_workers(a.workers)
   for w in sorted({1, workers}):
-    out = os.path.join(work, f"build_w{w}")
     cpu0 = cpu_seconds()
-    _, secs = timed(lambda: token_cache.build([path], tok, False, w, out))
+    out, secs = timed(lambda: token_cache.build([path], tok, False, w, os.path.join(work, f"build_w{w}"), "bench"))
     cpu = cpu_seconds() - cpu0
-    meta = json.load(open(os.path.join(out, "meta.json")))
+    meta = tfds_builders.read_meta(out)
     print(f"build_w{w}: {meta['num_records'] / secs:,.0f} records/s, {meta['tokens'] / secs:,.0f} tokens/s, "
           f"{size / secs / 1e6:.1f} MB/s ({meta['tokens']:,} tokens, {secs:.1f} s wall, {cpu:.1f} CPU-s: "
           f"{meta['tokens'] / cpu:,.0f} tokens per CPU-second); the 2.5 B-token corpus: "

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import data_fixtures as F
-from apollo_jax.data import chat, corpus, packing, pipeline, records, stream_json, token_cache
+from apollo_jax.data import chat, packing, pipeline, records, stream_json, tfds_builders, token_cache
 from apollo_jax.data import tokenizer as tok_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +70,20 @@ def test_cached_samples_equal_chat_encoder_on_the_text(env, tmp_path):
     want_ids, want_labels = enc(s.turns)
     assert np.array_equal(ids, want_ids) and np.array_equal(labels, want_labels) and lang == s.language
     assert c.lengths[i] == len(want_ids) and c.sources([i]) == [s.source]
+
+
+def test_cache_is_a_tfds_dataset_users_can_load(env, tmp_path):
+  import tensorflow_datasets as tfds
+  c = token_cache.open_corpus(env.ext, str(tmp_path), env.tokenizer)
+  name = "apollo_moe_tokens/" + os.path.basename(os.path.dirname(c.directory))
+  by_name = tfds.data_source(name, data_dir=str(tmp_path / "tfds"))["train"]
+  by_dir = tfds.builder_from_directory(c.directory).as_data_source(split="train")
+  assert len(by_name) == len(by_dir) == len(c) == 58
+  for i in (0, 17, 57):
+    ids, labels, lang = c.sample(i)
+    for x in (by_name[i], by_dir[i]):
+      assert np.array_equal(x["ids"], ids) and int(x["language"]) == lang
+      assert np.array_equal(x["label_kind"] == 1, (labels == ids) & (labels != chat.IGNORE))
 
 
 def test_odd_length_conversations_as_the_original(env, tmp_path):
@@ -199,7 +213,7 @@ def test_concurrent_parallel_build_builds_once(env, tmp_path):
   text = "".join(o[0] for o in outs)
   assert text.count("BUILDING") == 1                   # one built, the other waited and reused it
   assert len({line for line in text.splitlines() if line.startswith("PID")}) == 1
-  key_dirs = os.listdir(os.path.join(cache, "tokens"))
+  key_dirs = os.listdir(os.path.join(cache, "tfds", "apollo_moe_tokens"))
   assert len([d for d in key_dirs if not d.endswith(".lock")]) == 1      # no temporary folder left
   parallel = token_cache.open_corpus(env.lst, cache, env.tokenizer)
   assert parallel.meta["build_workers"] == 2
@@ -225,7 +239,7 @@ def test_cache_reused_and_rebuilt_on_change(env, tmp_path, monkeypatch):
   assert token_cache.cache_key([path], env.tokenizer, False) != key
   os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
   assert token_cache.cache_key([path], env.tokenizer, False) == key
-  assert len(os.listdir(os.path.join(cache, "tokens"))) == 4      # two builds + their lock files
+  assert len(os.listdir(os.path.join(cache, "tfds", "apollo_moe_tokens"))) == 4   # two builds + their locks
   edited = tmp_path / "chat.py"                        # the chat template changed -> rebuilt
   edited.write_bytes(open(chat.__file__, "rb").read() + b"\n# edited\n")
   monkeypatch.setattr(chat, "__file__", str(edited))
@@ -257,8 +271,8 @@ def test_remote_cache_dir_builds_uploads_and_downloads(env, tmp_path, fake_gcs, 
   from etils import epath
   cache = "gs://bucket/run/data_cache"
   built = token_cache.open_corpus(env.lst, cache, env.tokenizer)
-  key = os.path.basename(built.directory)
-  assert (epath.Path(cache) / "tokens" / key / corpus.META_JSON).exists()
+  assert (epath.Path(cache) / os.path.relpath(built.directory, token_cache.local_root(cache)) /
+          tfds_builders.META_JSON).exists()
   assert built.directory.startswith(str(tmp_path / "local"))
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "host2"))      # another host: download only
   monkeypatch.setattr(token_cache, "build", lambda *a: pytest.fail("process 1 must not build"))
@@ -305,4 +319,5 @@ def test_no_valid_records_is_a_clear_error(env, tmp_path):
   path = F.write_json(tmp_path / "allbad.json", [{"conversations": [], "source": "general_en"}, {"source": 3}])
   with pytest.raises(ValueError, match=r"no valid records in \[.*allbad.json'\] \(2 bad ones skipped\)"):
     token_cache.open_corpus(path, str(tmp_path / "cache"), env.tokenizer, skip_bad=True)
-  assert not [d for d in os.listdir(tmp_path / "cache" / "tokens") if not d.endswith(".lock")]   # no leftovers
+  assert not [d for d in os.listdir(tmp_path / "cache" / "tfds" / "apollo_moe_tokens")
+              if not d.endswith(".lock")]                                           # no leftovers

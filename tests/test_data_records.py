@@ -2,8 +2,10 @@
 
 import copy
 import logging
+import os
 
 import pytest
+import tensorflow_datasets as tfds
 
 import data_fixtures as F
 from apollo_jax import languages
@@ -127,7 +129,14 @@ def test_bench_reader_and_builder(tmp_path):
     records.read_bench(path)
   recs, bad = records.read_bench(path, skip_bad=True)
   assert bad.count == 2 and [r["question"] for r in recs] == ["Q1?", "Q2?"]
-  src, meta = tfds_builders.build_bench(path, str(tmp_path / "cache"), skip_bad=True)
-  got = sorted((int(src[i]["index"]), tfds_builders.decode_bench(src[i])) for i in range(len(src)))
-  assert [g[1] for g in got] == recs and meta["bad_records_skipped"] == 2
-  assert tfds_builders.load_bench(path, str(tmp_path / "cache"), skip_bad=True) == recs
+  cache = str(tmp_path / "cache")
+  directory, built = tfds_builders.build_bench(path, cache, skip_bad=True)
+  assert built and tfds_builders.read_meta(directory)["bad_records_skipped"] == 2
+  # what a user loads by name with TFDS itself
+  name = "apollo_moe_bench/" + os.path.basename(os.path.dirname(directory))
+  src = tfds.data_source(name, data_dir=os.path.join(cache, "tfds"))["train"]
+  got = sorted((int(x["index"]), {k: x[k].decode() for k in recs[0]}) for x in src)
+  assert [g[1] for g in got] == recs
+  loaded, bad = tfds_builders.load_bench(path, cache, skip_bad=True)
+  assert loaded == recs and bad.count == 2
+  assert tfds_builders.build_bench(path, cache, skip_bad=True)[1] is False      # built once

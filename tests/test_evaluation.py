@@ -154,10 +154,22 @@ GOOD = {"question": "q?", "options": "(A) x\n(B) y", "answer": "(B)", "source": 
 ])
 def test_bad_record_is_named_or_skipped(tmp_path, bad, message):
   path = _write(tmp_path, [GOOD, {**GOOD, **bad}])
-  with pytest.raises(ValueError, match=f"bench.json: record 1 .*{message}"):
-    bench.read(path)
-  items, tally = bench.read(path, skip_bad=True)
+  for cache in (None, str(tmp_path / "cache")):          # read directly, or built into TFDS
+    with pytest.raises(ValueError, match=f"bench.json: record 1 .*{message}"):
+      bench.read(path, cache_dir=cache)
+    items, tally = bench.read(path, skip_bad=True, cache_dir=cache)
+    assert len(items) == 1 and tally.count == 1
+  items, tally = bench.read(path, skip_bad=True, cache_dir=str(tmp_path / "cache"))   # reused build
   assert len(items) == 1 and tally.count == 1
+
+
+def test_bench_through_tfds_equals_direct_read(tmp_path, monkeypatch):
+  cache = str(tmp_path / "cache")
+  assert bench.read(SAMPLE, cache_dir=cache) == bench.read(SAMPLE)
+  path = _write(tmp_path, [GOOD])
+  assert [it.gold for it in bench.read(path, cache_dir=cache)[0]] == ["B"]
+  _write(tmp_path, [GOOD, {**GOOD, "answer": "(A)"}])       # edited file: rebuilt, not reused
+  assert [it.gold for it in bench.read(path, cache_dir=cache)[0]] == ["B", "A"]
 
 
 def test_select():

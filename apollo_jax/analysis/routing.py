@@ -15,7 +15,7 @@ import numpy as np
 from apollo_jax import config as cfg
 from apollo_jax import languages
 from apollo_jax.analysis import plots, routing_stats
-from apollo_jax.data import chat, records, stream_json
+from apollo_jax.data import chat, records, stream_json, tfds_builders
 from apollo_jax.evaluation import bench
 from apollo_jax.inference import decoding
 from apollo_jax.model import transformer
@@ -35,13 +35,15 @@ def _is_bench(path: str) -> bool:
   return False
 
 
-def read_inputs(files: str, tokenizer, max_len: int, max_samples: int = 0) -> list:
-  """[(ids int32[n <= max_len], language index)] from conversation or benchmark files."""
+def read_inputs(files: str, tokenizer, max_len: int, max_samples: int = 0, cache_dir=None) -> list:
+  """[(ids int32[n <= max_len], language index)] from conversation or benchmark files; with
+  `cache_dir`, benchmark files are read through their TFDS dataset there (data/tfds_builders.py)."""
   out = []
   encode = chat.ChatEncoder(tokenizer)
   for path in records.expand_files(files):
     if _is_bench(path):
-      for r in records.read_bench([path])[0]:
+      bench_records = (tfds_builders.load_bench([path], cache_dir) if cache_dir else records.read_bench([path]))[0]
+      for r in bench_records:
         context = f"Context: {r['context']}\n" if r["context"] else ""
         ids = tokenizer.encode(f"{chat.USER}{context}{r['question']}\n{r['options']}")
         ids += tokenizer.encode(chat.SEP + chat.ASSISTANT)

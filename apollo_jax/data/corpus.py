@@ -1,45 +1,37 @@
 """A pre-tokenised corpus: token ids and labels of every record, read back as arrays.
 
-The cache (built once by token_cache.py) holds, per record, in file order:
-  records.array_record  record i = int32 [language, source id] + int32 ids[n] + uint8 kind[n]
-                        (kind 0: not trained, 1: label = the id, 2: label = EOS, the EOS label at
-                        the start of a later user turn, chat.py)
-  meta.npz              lengths, languages, source_ids, source_names: packing plans need only these
-  meta.json             build facts (num_records, tokens, bad records, eos_id); written last
-so the loader never tokenises: sample(i) is one random read and np.frombuffer.
+The cache (built once by token_cache.py) is the TFDS dataset apollo_moe_tokens
+(data/tfds_builders.py), record i in file order = {ids int32[n], label_kind uint8[n] (KIND_*:
+0 not trained, 1 label = the id, 2 label = EOS, the EOS label at the start of a later user turn,
+chat.py), language, source_id}. Beside it, index.npz holds lengths, languages, source_ids and
+source_names (packing plans need only these) and apollo_meta.json the build facts (num_records,
+tokens, bad records, eos_id), so the loader never tokenises: sample(i) is one random read.
 """
 
-import json
 import os
 
 import numpy as np
 
-from apollo_jax.data import chat
+from apollo_jax.data import chat, tfds_builders
 
-RECORDS, META_NPZ, META_JSON = "records.array_record", "meta.npz", "meta.json"
+INDEX_NPZ = "index.npz"
 KIND_IGNORE, KIND_ID, KIND_EOS = 0, 1, 2
 
 
-def encode_record(language, source_id, ids, labels, eos):
-  """(ids, labels) of chat.ChatEncoder -> record bytes (labels stored as a uint8 kind per token)."""
+def to_example(language, source_id, ids, labels, eos) -> dict:
+  """(ids, labels) of chat.ChatEncoder -> one apollo_moe_tokens example (labels as a uint8 kind)."""
   kind = np.where(labels == chat.IGNORE, KIND_IGNORE, np.where(labels == ids, KIND_ID, KIND_EOS)).astype(np.uint8)
   if not np.all((kind != KIND_EOS) | (labels == eos)):
     raise AssertionError("a label is neither IGNORE, its id nor EOS; chat.py changed: update the cache format")
-  return np.asarray([language, source_id], np.int32).tobytes() + ids.astype(np.int32).tobytes() + kind.tobytes()
+  return {"ids": ids.astype(np.int32), "label_kind": kind, "language": np.int32(language),
+          "source_id": np.int32(source_id)}
 
 
-def decode_record(raw, eos):
-  """Record bytes -> (ids int32[n], labels int32[n], language)."""
-  n = (len(raw) - 8) // 5
-  language = int(np.frombuffer(raw, np.int32, 1)[0])
-  ids = np.frombuffer(raw, np.int32, n, offset=8)
-  kind = np.frombuffer(raw, np.uint8, n, offset=8 + 4 * n)
+def from_example(example, eos):
+  """An apollo_moe_tokens example -> (ids int32[n], labels int32[n], language)."""
+  ids, kind = np.asarray(example["ids"], np.int32), example["label_kind"]
   labels = np.where(kind == KIND_ID, ids, np.where(kind == KIND_EOS, eos, chat.IGNORE)).astype(np.int32)
-  return ids, labels, language
-
-
-def is_complete(directory) -> bool:
-  return os.path.exists(os.path.join(directory, META_JSON))
+  return ids, labels, int(example["language"])
 
 
 class Corpus:
@@ -47,9 +39,8 @@ class Corpus:
 
   def __init__(self, directory, tokenizer):
     self.directory, self.tokenizer = str(directory), tokenizer
-    with open(os.path.join(self.directory, META_JSON)) as f:
-      self.meta = json.load(f)
-    with np.load(os.path.join(self.directory, META_NPZ)) as z:
+    self.meta = tfds_builders.read_meta(self.directory)
+    with np.load(os.path.join(self.directory, INDEX_NPZ)) as z:
       self.lengths = z["lengths"]                # tokens per templated sample (untruncated)
       self.languages = z["languages"]
       self.source_ids = z["source_ids"]          # index into self.source_names
@@ -57,17 +48,14 @@ class Corpus:
     self.eos = int(self.meta["eos_id"])
     self._source = None
 
-  def __getstate__(self):                        # grain workers reopen the file themselves
+  def __getstate__(self):                        # grain workers reopen the dataset themselves
     return {k: v for k, v in self.__dict__.items() if k != "_source"} | {"_source": None}
 
   @property
   def source(self):
-    """The array_record reader (thread-safe reads); one batched read per row is ~2x faster than
-    one read per record."""
+    """The TFDS data source (thread-safe random reads)."""
     if self._source is None:
-      from array_record.python import array_record_module
-      self._source = array_record_module.ArrayRecordReader(os.path.join(self.directory, RECORDS),
-                                                           "readahead_buffer_size:0")
+      self._source = tfds_builders.data_source(self.directory)
     return self._source
 
   def __len__(self):
@@ -79,7 +67,9 @@ class Corpus:
 
   def samples(self, ids):
     """[(ids, labels, language index)] of the records `ids`."""
-    return [decode_record(raw, self.eos) for raw in self.source.read([int(i) for i in ids])] if len(ids) else []
+    if not len(ids):
+      return []
+    return [from_example(x, self.eos) for x in self.source.__getitems__([int(i) for i in ids])]
 
   def sample(self, i):
     return self.samples([i])[0]

@@ -38,6 +38,7 @@ class Data:
   tokenizer: object
   stats: dict
   rows: object = None           # TrainRows: steps_for_epochs(), epoch_rows()
+  local_cache: str = ""         # this host's data cache dir (other TFDS builds go there too)
 
   def steps_for_epochs(self, epochs: float) -> int:
     """Optimizer steps that cover `epochs` passes over the train split (fractions allowed)."""
@@ -222,7 +223,7 @@ def make_data(config, cache_dir, process_index=0, process_count=1):
     logging.warning("%d samples are longer than data.seq_len=%d and are truncated", truncated, d.seq_len)
   logging.info("data: %s", {k: v for k, v in stats.items() if k != "train_samples_per_language"})
   train_iter = _grain_iter(rows, g // process_count, d.num_workers)
-  return Data(train_iter, eval_batches, tok, stats, rows)
+  return Data(train_iter, eval_batches, tok, stats, rows, token_cache.local_root(cache_dir))
 
 
 def skip_empty_eval(config, data):

@@ -1,35 +1,44 @@
-"""TFDS builder for local ApolloMoEBench files (array_record, no TensorFlow).
+"""The datasets apollo_jax builds, as TensorFlow Datasets (array_record, no TensorFlow).
 
-The JSON is parsed and validated once (records.py) and written under
-`<cache_dir>/tfds/<builder>/h<content hash>/1.0.0/`; the config name is a hash of the input files'
-bytes (and of skip_bad), so editing, adding or removing a file rebuilds automatically and an
-unchanged input is reused. Records keep their file order (disable_shuffling) and carry their
-global `index` too, so readers never depend on TFDS's write order. Read back with
-`builder.as_data_source(split="train")` (random access). (Training data is pre-tokenised
-instead: token_cache.py.)
+  apollo_moe_tokens   the pre-tokenised training corpus (built by data/token_cache.py; fields in
+                      data/corpus.py), read by the grain loader (data/pipeline.py)
+  apollo_moe_bench    ApolloMoEBench records, validated, read by evaluate, analyze and the
+                      in-training benchmark (evaluation/bench.py)
+
+Each build of inputs with fingerprint F is the TFDS dataset `<name>/h<F>` under
+`<cache_dir>/tfds`, in input order (disable_shuffling; keys are record indices), plus
+apollo_meta.json (build facts, written last: its presence means complete). A user reads one with
+`tfds.builder_from_directory(<cache_dir>/tfds/<name>/h<F>/1.0.0)`, or, with this module imported,
+`tfds.data_source("<name>/h<F>", data_dir="<cache_dir>/tfds")`. Builds are atomic (a temporary
+data_dir renamed into place) and one per host at a time (a lock file per fingerprint).
 """
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
+import shutil
+import socket
+import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from apollo_jax.data import records, token_cache
+from apollo_jax.data import records
 
-FORMAT_VERSION = "apollo_jax-data-1"       # bump when the stored features change
-STATS_FILE = "apollo_build_stats.json"
+VERSION = "1.0.0"
+META_JSON = "apollo_meta.json"
+BENCH_FORMAT = "apollo_jax-bench-1"        # bump when the stored bench features change
 
 
 class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
-  """Generator over records handed in by build(); nothing is downloaded."""
-  VERSION = tfds.core.Version("1.0.0")
+  """A generator over examples handed in by `prepare`; nothing is downloaded."""
+  VERSION = tfds.core.Version(VERSION)
 
-  def __init__(self, *, rows=None, **kwargs):
-    self._rows = rows
+  def __init__(self, *, examples=None, **kwargs):
+    self._examples = examples
     super().__init__(**kwargs)
 
   def _info(self):
@@ -41,29 +50,72 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
     return {"train": self._generate_examples()}
 
   def _generate_examples(self):
-    for i, row in enumerate(self._rows):
-      yield i, dict(row, index=i)
+    yield from enumerate(self._examples)
+
+  def _log_download_bytes(self):             # TFDS prints these to stdout; builds log their own
+    pass
+
+  def _log_download_done(self):
+    pass
+
+
+class ApolloMoeTokens(_LocalBuilder):
+  """Pre-tokenised ApolloMoEDataset conversations: token ids, a per-token label kind (0: not
+  trained, 1: label = the id, 2: label = EOS), the language index and the source id (names in
+  apollo_meta.json)."""
+  FEATURES = {"ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+              "label_kind": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
+              "language": np.int32, "source_id": np.int32}
 
 
 class ApolloMoeBench(_LocalBuilder):
-  """ApolloMoEBench multiple-choice records."""
+  """ApolloMoEBench multiple-choice records (validated when built), with their bench `index`."""
   FEATURES = {"index": np.int64, **{k: tfds.features.Text() for k in records.BENCH_FIELDS + ("context", "class")}}
 
 
-def fingerprint(paths, extra: str = "") -> str:
-  """Hash of the files' bytes in order (not their paths: moving the data does not rebuild)."""
-  h = hashlib.sha256(f"{FORMAT_VERSION}|{extra}|{len(paths)}".encode())
-  for p in paths:
-    h.update(f"|{os.path.getsize(p)}|".encode())
-    with open(p, "rb") as f:
-      for chunk in iter(lambda: f.read(1 << 22), b""):
-        h.update(chunk)
-  return h.hexdigest()[:20]
+def dataset_dir(cache_dir, cls, key) -> str:
+  return os.path.join(cache_dir, "tfds", cls.name, f"h{key}", VERSION)
+
+
+def is_complete(directory) -> bool:
+  return os.path.exists(os.path.join(directory, META_JSON))
+
+
+def read_meta(directory) -> dict:
+  with open(os.path.join(directory, META_JSON)) as f:
+    return json.load(f)
+
+
+def data_source(directory):
+  """Random-access TFDS data source of a built dataset directory."""
+  with _quiet_tfds():
+    return tfds.builder_from_directory(directory).as_data_source(split="train")
+
+
+@contextlib.contextmanager
+def locked(path):
+  """Exclusive lock on `path` (a lock file) shared by the processes of one host."""
+  import fcntl
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def temporary_sibling(path) -> str:
+  """A fresh temporary sibling of `path`, unique per host and process (shared file systems)."""
+  tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  return tmp
 
 
 @contextlib.contextmanager
 def _quiet_tfds():
-  """TFDS warns about 'custom data configuration' (our hash configs are deliberate)."""
+  """TFDS warns about 'custom data configuration' (our fingerprint configs are deliberate) and
+  draws its own progress bars (builds show ours)."""
   tfds.disable_progress_bar()
   absl_logger = logging.getLogger("absl")
   level = absl_logger.level
@@ -74,55 +126,79 @@ def _quiet_tfds():
     absl_logger.setLevel(level)
 
 
-def _build(cls, files, cache_dir, skip_bad, read_fn, to_row):
+def prepare(cls, cache_dir, key, examples, finish) -> str:
+  """Write `examples` as the dataset cls/h<key> and return its directory. `finish(directory)`
+  runs after the examples are written and returns the build facts for apollo_meta.json, which is
+  written last; then the directory is renamed into place. Nothing is left behind on failure."""
+  final = dataset_dir(cache_dir, cls, key)
+  shutil.rmtree(final, ignore_errors=True)            # an unfinished earlier build
+  tmp = temporary_sibling(os.path.dirname(final))
+  try:
+    with _quiet_tfds():
+      builder = cls(examples=examples, config=tfds.core.BuilderConfig(name=f"h{key}"), data_dir=tmp,
+                    file_format="array_record")
+      builder.download_and_prepare()
+    meta = finish(builder.data_dir)
+    with open(os.path.join(builder.data_dir, META_JSON), "w") as f:
+      json.dump(meta, f, indent=1)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    os.replace(builder.data_dir, final)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return final
+
+
+# ---------------------------------------------------------------------------- ApolloMoEBench
+
+def fingerprint(paths, extra: str = "") -> str:
+  """Hash of the files' bytes in order (not their paths: moving the data does not rebuild)."""
+  h = hashlib.sha256(f"{BENCH_FORMAT}|{extra}|{len(paths)}".encode())
+  for p in paths:
+    h.update(f"|{os.path.getsize(p)}|".encode())
+    with open(p, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 22), b""):
+        h.update(chunk)
+  return h.hexdigest()[:20]
+
+
+def _source_hash(fn) -> str:
+  """Hash of the module that defines `fn` (a changed validation rule rebuilds)."""
+  return hashlib.sha256(inspect.getsource(sys.modules[fn.__module__]).encode()).hexdigest()[:12] if fn else ""
+
+
+def build_bench(files, cache_dir: str, skip_bad: bool = False, validate=None):
+  """(dataset directory of ApolloMoEBench `files`, whether it was built now). `validate(record, where)`
+  (e.g. evaluation/bench.py's parser) may reject records at build time: raised, or with
+  skip_bad counted in the build facts."""
   paths = records.expand_files(files) if isinstance(files, str) else list(files)
-  fp = fingerprint(paths, f"skip_bad={bool(skip_bad)}")
-  with token_cache.locked(os.path.join(cache_dir, ".build.lock")), _quiet_tfds():
-    builder = cls(config=tfds.core.BuilderConfig(name=f"h{fp}"), data_dir=os.path.join(cache_dir, "tfds"),
-                  file_format="array_record")
-    stats_path = os.path.join(builder.data_dir, STATS_FILE)
-    if not builder.is_prepared() or not os.path.exists(stats_path):
-      items, bad = read_fn(paths, skip_bad)
-      if not items:
-        raise ValueError(f"no valid records in {paths}" + (f" ({bad.count} bad ones skipped)" if bad.count else ""))
-      if not builder.is_prepared():
-        logging.info("building %s (%d records) from %s under %s", cls.__name__, len(items), paths, cache_dir)
-        builder._rows = (to_row(x) for x in items)
-        builder.download_and_prepare()
-      tmp = stats_path + ".tmp"
-      with open(tmp, "w") as f:
-        json.dump({"files": paths, "num_records": len(items), "bad_records_skipped": bad.count,
-                   "bad_reasons": bad.reasons}, f, indent=1)
-      os.replace(tmp, stats_path)
-    else:
-      with open(stats_path) as f:
-        meta = json.load(f)
-      if meta["bad_records_skipped"]:        # reused cache: still say so, never silently
-        records.BadRecords(meta["bad_records_skipped"], meta["bad_reasons"]).log()
-  with open(stats_path) as f:
-    meta = json.load(f)
-  meta["fingerprint"] = fp
-  return builder.as_data_source(split="train"), meta
-
-
-def build_bench(files, cache_dir: str, skip_bad: bool = False):
-  """(data source, meta) for ApolloMoEBench files."""
-  return _build(ApolloMoeBench, files, cache_dir, skip_bad, records.read_bench, dict)
+  key = fingerprint(paths, f"skip_bad={bool(skip_bad)}|{_source_hash(validate)}")
+  directory = dataset_dir(cache_dir, ApolloMoeBench, key)
+  with locked(os.path.dirname(directory) + ".lock"):
+    if is_complete(directory):
+      return directory, False
+    keep = None if validate is None else (lambda r, where: (validate(r, where), r)[1])
+    items, bad = records.read_bench(paths, skip_bad, parse=keep)     # logs what it skips
+    if not items:
+      raise ValueError(f"no valid records in {paths}" + (f" ({bad.count} bad ones skipped)" if bad.count else ""))
+    logging.info("building %s (%d records) from %s under %s", ApolloMoeBench.name, len(items), paths, cache_dir)
+    prepare(ApolloMoeBench, cache_dir, key, (dict(r, index=i) for i, r in enumerate(items)),
+            lambda _: {"files": paths, "num_records": len(items), "bad_records_skipped": bad.count,
+                       "bad_reasons": bad.reasons, "fingerprint": key})
+  return directory, True
 
 
 def _text(x):
   return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
-def decode_bench(element) -> dict:
-  return {k: _text(element[k]) for k in records.BENCH_FIELDS + ("context", "class")}
-
-
-def load_bench(files, cache_dir: str, skip_bad: bool = False) -> list:
-  """ApolloMoEBench records as dicts, in file order (via the TFDS build)."""
-  src, _ = build_bench(files, cache_dir, skip_bad)
+def load_bench(files, cache_dir: str, skip_bad: bool = False, validate=None):
+  """(records as dicts in bench order, BadRecords of the build) through the TFDS dataset."""
+  directory, built = build_bench(files, cache_dir, skip_bad, validate)
+  src, meta = data_source(directory), read_meta(directory)
   out = [None] * len(src)
-  for pos in range(len(src)):
-    element = src[pos]
-    out[int(element["index"])] = decode_bench(element)
-  return out
+  for element in src.__getitems__(list(range(len(src)))):
+    out[int(element["index"])] = {k: _text(element[k]) for k in records.BENCH_FIELDS + ("context", "class")}
+  bad = records.BadRecords(meta["bad_records_skipped"], meta["bad_reasons"])
+  if not built:                                # a reused build still says so, never silently
+    bad.log("benchmark records")
+  return out, bad

@@ -1,5 +1,6 @@
-"""Build the pre-tokenised corpus once (corpus.py describes the files): streaming parse, chat
-template and tokenisation in parallel worker processes, one array_record of token ids + labels.
+"""Build the pre-tokenised corpus once (corpus.py describes it): streaming parse, chat template
+and tokenisation in parallel worker processes, written as the TFDS dataset apollo_moe_tokens/h<key>
+(data/tfds_builders.py) under `<cache_dir>/tfds`.
 
 Cache key (cheap to check on every start, no re-hash of 13.5 GB): CACHE_VERSION (bump when the
 record layout changes), the source of chat.py (the template; any edit rebuilds), the tokenizer
@@ -10,27 +11,23 @@ without keeping mtimes (`cp` without -p) rebuilds although nothing changed, whic
 Concurrency: processes on one host take a file lock; the first builds into a temporary folder
 renamed into place at the end, the others wait and reuse it. A remote cache_dir (gs://... or any
 etils epath) is mirrored to local disk (array_record reads local files): process 0 builds and
-uploads (meta.json last = complete), the other hosts wait for it and download.
+uploads (apollo_meta.json last = complete), the other hosts wait for it and download.
 """
 
 import collections
-import contextlib
-import fcntl
 import hashlib
 import itertools
-import json
 import logging
 import multiprocessing
 import os
 import shutil
-import socket
 import tempfile
 import time
 from array import array
 
 import numpy as np
 
-from apollo_jax.data import chat, corpus, records
+from apollo_jax.data import chat, corpus, records, tfds_builders
 from apollo_jax.data import tokenizer as tok_lib
 
 CACHE_VERSION = "apollo_jax-tokens-1"
@@ -57,18 +54,6 @@ def cache_key(paths, tokenizer, skip_bad) -> str:
   return h.hexdigest()[:20]
 
 
-@contextlib.contextmanager
-def locked(path):
-  """Exclusive lock on `path` (a lock file) shared by the processes of one host."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def is_remote(path) -> bool:
   return "://" in str(path) and not str(path).startswith("file://")
 
@@ -84,12 +69,12 @@ def _init_worker(tokenizer):
 
 
 def _encode_chunk(chunk, encoder=None):
-  """[(language, source id, turns)] -> [record bytes], lengths."""
+  """[(language, source id, turns)] -> [apollo_moe_tokens example], lengths."""
   enc = encoder or _ENCODER
   out, lengths = [], []
   for language, source_id, turns in chunk:
     ids, labels = enc(turns)
-    out.append(corpus.encode_record(language, source_id, ids, labels, enc.eos))
+    out.append(corpus.to_example(language, source_id, ids, labels, enc.eos))
     lengths.append(len(ids))
   return out, lengths
 
@@ -129,24 +114,13 @@ def default_workers(workers: int) -> int:
 
 # ---------------------------------------------------------------------------- build
 
-def _tmp_name(path):
-  """A fresh temporary sibling of `path`, unique per host and process (shared file systems)."""
-  tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  return tmp
-
-
 def _progress(total):
   from tqdm import auto as tqdm
   return tqdm.tqdm(total=total, unit="B", unit_scale=True, desc="tokenising the corpus (once)", mininterval=2.0)
 
 
-def build(paths, tokenizer, skip_bad, workers, out_dir):
-  """Parse, tokenise and write `paths` into out_dir (via a temporary folder renamed at the end)."""
-  tmp = _tmp_name(out_dir)
-  shutil.rmtree(out_dir, ignore_errors=True)           # an unfinished earlier build
-  os.makedirs(tmp)
-  from array_record.python import array_record_module
+def build(paths, tokenizer, skip_bad, workers, cache_dir, key):
+  """Parse, tokenise and write `paths` as apollo_moe_tokens/h<key> under cache_dir (atomically)."""
   bad = records.BadRecords() if skip_bad else None
   names, lengths, langs, sids = {}, array("q"), array("i"), array("i")
   t0 = time.time()
@@ -160,45 +134,46 @@ def build(paths, tokenizer, skip_bad, workers, out_dir):
       sids.extend(c[1] for c in chunk)
       yield chunk
 
-  try:
-    writer = array_record_module.ArrayRecordWriter(os.path.join(tmp, corpus.RECORDS), "group_size:1")
-    try:
-      for recs, lens in encoded_chunks(chunks(), tokenizer, default_workers(workers)):
-        for r in recs:
-          writer.write(r)
-        lengths.extend(lens)
-    finally:
-      writer.close()
-      progress.close()
-    bad = bad or records.BadRecords()
+  def examples():
+    for exs, lens in encoded_chunks(chunks(), tokenizer, default_workers(workers)):
+      lengths.extend(lens)
+      yield from exs
+    progress.close()
     if not len(lengths):
-      raise ValueError(f"no valid records in {paths}" + (f" ({bad.count} bad ones skipped)" if bad.count else ""))
-    np.savez(os.path.join(tmp, corpus.META_NPZ), lengths=np.asarray(lengths, np.int64),
+      found = bad.count if bad else 0
+      raise ValueError(f"no valid records in {paths}" + (f" ({found} bad ones skipped)" if found else ""))
+
+  def finish(directory):
+    np.savez(os.path.join(directory, corpus.INDEX_NPZ), lengths=np.asarray(lengths, np.int64),
              languages=np.asarray(langs, np.int32), source_ids=np.asarray(sids, np.int32),
              source_names=np.array(list(names), dtype=str))
-    secs = time.time() - t0
-    meta = {"files": [str(p) for p in paths], "num_records": len(lengths), "tokens": int(sum(lengths)),
-            "bad_records_skipped": bad.count, "bad_reasons": bad.reasons, "eos_id": int(tokenizer.eos_id),
-            "version": CACHE_VERSION, "build_seconds": round(secs, 2), "build_workers": default_workers(workers),
-            "build_pid": os.getpid()}
-    with open(os.path.join(tmp, corpus.META_JSON), "w") as f:
-      json.dump(meta, f, indent=1)
-    os.replace(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    tally = bad or records.BadRecords()
+    return {"files": [str(p) for p in paths], "num_records": len(lengths), "tokens": int(sum(lengths)),
+            "bad_records_skipped": tally.count, "bad_reasons": tally.reasons, "eos_id": int(tokenizer.eos_id),
+            "version": CACHE_VERSION, "build_seconds": round(time.time() - t0, 2),
+            "build_workers": default_workers(workers), "build_pid": os.getpid(), "fingerprint": key}
+
+  try:
+    out = tfds_builders.prepare(tfds_builders.ApolloMoeTokens, cache_dir, key, examples(), finish)
+  finally:
+    progress.close()
+  meta = tfds_builders.read_meta(out)
   logging.info("tokenised %d records (%d tokens) in %.1f s: %.0f records/s, %.0f tokens/s -> %s",
-               meta["num_records"], meta["tokens"], secs, meta["num_records"] / secs, meta["tokens"] / secs, out_dir)
+               meta["num_records"], meta["tokens"], meta["build_seconds"],
+               meta["num_records"] / meta["build_seconds"], meta["tokens"] / meta["build_seconds"], out)
+  return out
 
 
 # ---------------------------------------------------------------------------- remote cache dirs
 
 def _copy_dir(src, dst):
-  """Copy the cache files src -> dst (any epath on either side); meta.json last marks it complete."""
+  """Copy a dataset directory src -> dst (any epath on either side); apollo_meta.json goes last,
+  so its presence marks the copy complete."""
   from etils import epath
   src, dst = epath.Path(src), epath.Path(dst)
   dst.mkdir(parents=True, exist_ok=True)
-  for name in (corpus.RECORDS, corpus.META_NPZ, corpus.META_JSON):
+  names = sorted(p.name for p in src.iterdir() if p.name != tfds_builders.META_JSON)
+  for name in names + [tfds_builders.META_JSON]:
     with (src / name).open("rb") as r, (dst / f"{name}.partial").open("wb") as w:
       shutil.copyfileobj(r, w, 1 << 24)
     (dst / f"{name}.partial").rename(dst / name)
@@ -208,20 +183,20 @@ def _mirror(cache_dir, key, local, is_builder, build_fn, wait_s=None):
   """Make `local` hold the build `key` of the remote cache_dir: download it, or build it here and
   upload it (is_builder: process 0), or wait for process 0 to upload it."""
   from etils import epath
-  remote = epath.Path(cache_dir) / "tokens" / key
-  if not (remote / corpus.META_JSON).exists():
+  remote = epath.Path(tfds_builders.dataset_dir(str(cache_dir), tfds_builders.ApolloMoeTokens, key))
+  if not (remote / tfds_builders.META_JSON).exists():
     if is_builder:
       build_fn()
       _copy_dir(local, remote)
       return
     t0 = time.time()
-    while not (remote / corpus.META_JSON).exists():
+    while not (remote / tfds_builders.META_JSON).exists():
       if wait_s is not None and time.time() - t0 > wait_s:
         raise TimeoutError(f"waited {wait_s:.0f} s for process 0 to build the token cache {remote}; "
                            "is process 0 running with the same data.train_files and data.tokenizer?")
       logging.info("waiting for process 0 to build the token cache %s", remote)
       time.sleep(WAIT_POLL_S)
-  tmp = _tmp_name(local)
+  tmp = tfds_builders.temporary_sibling(local)
   _copy_dir(remote, tmp)
   os.replace(tmp, local)
 
@@ -238,14 +213,14 @@ def open_corpus(files, cache_dir, tokenizer, skip_bad=False, workers=0, process_
   paths = records.expand_files(files) if isinstance(files, str) else list(files)
   key = cache_key(paths, tokenizer, skip_bad)
   root = local_root(cache_dir)
-  local = os.path.join(root, "tokens", key)
-  with locked(os.path.join(root, "tokens", f"{key}.lock")):
-    if not corpus.is_complete(local):
+  local = tfds_builders.dataset_dir(root, tfds_builders.ApolloMoeTokens, key)
+  build_fn = lambda: build(paths, tokenizer, skip_bad, workers, root, key)
+  with tfds_builders.locked(os.path.dirname(local) + ".lock"):
+    if not tfds_builders.is_complete(local):
       if not is_remote(cache_dir):
-        build(paths, tokenizer, skip_bad, workers, local)
+        build_fn()
       else:
-        _mirror(cache_dir, key, local, process_index == 0, lambda: build(paths, tokenizer, skip_bad, workers, local),
-                wait_s)
+        _mirror(cache_dir, key, local, process_index == 0, build_fn, wait_s)
   c = corpus.Corpus(local, tokenizer)
   if c.meta["bad_records_skipped"]:          # a reused cache still says so, never silently
     records.BadRecords(c.meta["bad_records_skipped"], c.meta["bad_reasons"]).log()

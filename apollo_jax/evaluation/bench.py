@@ -10,7 +10,7 @@ import dataclasses
 import re
 
 from apollo_jax import languages
-from apollo_jax.data import records
+from apollo_jax.data import records, tfds_builders
 
 # Sources of the 12 major languages (docs/original.md, Evaluation), matched case-insensitively. The German and
 # Portuguese MMLU subjects (MMLU_<subject>_de / _pt) and every minor-language source
@@ -87,9 +87,15 @@ def _item(rec, where):
               rec["answer"], m.group(1), rec["context"])
 
 
-def read(files, skip_bad: bool = False):
-  """(items, BadRecords) of ApolloMoEBench files: a path, glob, comma-separated list or a list."""
-  items, bad = records.read_bench(files, skip_bad, parse=_item)
+def read(files, skip_bad: bool = False, cache_dir=None):
+  """(items, BadRecords) of ApolloMoEBench files: a path, glob, comma-separated list or a list.
+  With `cache_dir`, through the apollo_moe_bench TFDS dataset there (data/tfds_builders.py: parsed
+  and validated once, rebuilt when the files or this module change)."""
+  if cache_dir:
+    rows, bad = tfds_builders.load_bench(files, cache_dir, skip_bad, validate=_item)
+    items = [_item(r, "") for r in rows]          # validated when built: cannot fail
+  else:
+    items, bad = records.read_bench(files, skip_bad, parse=_item)
   return [dataclasses.replace(it, id=i) for i, it in enumerate(items)], bad
 
 

@@ -28,9 +28,9 @@ def dev_subset(items, fraction: float, seed: int):
 
 
 class BenchEval:
-  def __init__(self, config, mesh, tokenizer):
+  def __init__(self, config, mesh, tokenizer, cache_dir=None):
     b = config.bench_eval
-    pool, _ = bench.read(b.files, config.data.skip_bad_records)
+    pool, _ = bench.read(b.files, config.data.skip_bad_records, cache_dir)
     self.templates = prompts_lib.load_templates(b.templates)
     self.prompts, self.skipped = prompts_lib.build(dev_subset(pool, b.fraction, b.seed), pool,
                                                    self.templates, b.shots, b.seed)
@@ -51,7 +51,7 @@ class BenchEval:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def make(config, mesh, tokenizer):
+def make(config, mesh, tokenizer, cache_dir=None):
   """BenchEval for `config.bench_eval`, or None when it is off (every == 0)."""
   b = config.get("bench_eval")
   if b is None or b.every <= 0:
@@ -61,4 +61,4 @@ def make(config, mesh, tokenizer):
                      "--config.bench_eval.files=data/sample/apollo_moe_bench_sample.json)")
   if not 0 < b.fraction <= 1:
     raise ValueError(f"bench_eval.fraction={b.fraction} must be in (0, 1]")
-  return BenchEval(config, mesh, tokenizer)
+  return BenchEval(config, mesh, tokenizer, cache_dir)

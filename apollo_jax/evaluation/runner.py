@@ -17,12 +17,14 @@ def _param_count(lm):
 
 def evaluate(lm, bench_files, out_dir=None, *, mode="both", shots=3, seed=0, limit=0, languages=None,
              templates="", exclude=bench.EXCLUDED_SOURCES, budget=prompts_lib.BUDGET_CHARS,
-             max_new_tokens=256, batch_size=16, skip_bad=False, model_name="", progress=True):
+             max_new_tokens=256, batch_size=16, skip_bad=False, model_name="", progress=True,
+             cache_dir=None):
   """Scores `lm` on ApolloMoEBench files; writes the outputs to out_dir (if given); returns
-  (predictions, scores). Shots come from the whole bench, whatever `limit`/`languages` select."""
+  (predictions, scores). Shots come from the whole bench, whatever `limit`/`languages` select;
+  `cache_dir`: read the bench through its TFDS dataset there (evaluation/bench.read)."""
   if mode not in scoring.METHODS:
     raise ValueError(f"--mode={mode!r}; choose one of {', '.join(scoring.METHODS)}")
-  pool, bad = bench.read(bench_files, skip_bad)
+  pool, bad = bench.read(bench_files, skip_bad, cache_dir)
   items = bench.select(pool, languages, limit)
   table = prompts_lib.load_templates(templates)
   prompts, skipped = prompts_lib.build(items, pool, table, shots, seed, budget)

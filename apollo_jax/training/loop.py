@@ -112,7 +112,7 @@ def _loop(config, workdir, mesh, model, tx, state, shardings, data, ckpt, stop):
   tokens_per_step = config.global_batch * config.data.seq_len
   peak, peak_src = mx.peak_flops(config)
   start = int(state["step"])
-  bench = in_training.make(config, mesh, data.tokenizer)   # None unless bench_eval.every > 0
+  bench = in_training.make(config, mesh, data.tokenizer, data.local_cache)   # None unless bench_eval.every > 0
   log = mx.Logger(workdir, config, start)
   keys = ("train_samples", "eval_samples", "steps_per_epoch", "packing_efficiency", "bad_records_skipped")
   log.print("data: " + ", ".join(f"{k}={data.stats[k]:.3g}" if isinstance(data.stats[k], float)
