@@ -27,11 +27,13 @@ def to_example(language, source_id, ids, labels, eos) -> dict:
           "source_id": np.int32(source_id)}
 
 
-def from_example(example, eos):
-  """An apollo_moe_tokens example -> (ids int32[n], labels int32[n], language)."""
-  ids, kind = np.asarray(example["ids"], np.int32), example["label_kind"]
+def from_example(feature, eos):
+  """An apollo_moe_tokens record as read by tfds_builders.ExampleReader -> (ids int32[n],
+  labels int32[n], language)."""
+  ids = np.frombuffer(feature["ids"].bytes_list.value[0], np.int32)
+  kind = np.frombuffer(feature["label_kind"].bytes_list.value[0], np.uint8)
   labels = np.where(kind == KIND_ID, ids, np.where(kind == KIND_EOS, eos, chat.IGNORE)).astype(np.int32)
-  return ids, labels, int(example["language"])
+  return ids, labels, int(feature["language"].int64_list.value[0])
 
 
 class Corpus:
@@ -53,9 +55,8 @@ class Corpus:
 
   @property
   def source(self):
-    """The TFDS data source (thread-safe random reads)."""
     if self._source is None:
-      self._source = tfds_builders.data_source(self.directory)
+      self._source = tfds_builders.ExampleReader(self.directory)
     return self._source
 
   def __len__(self):
@@ -69,7 +70,7 @@ class Corpus:
     """[(ids, labels, language index)] of the records `ids`."""
     if not len(ids):
       return []
-    return [from_example(x, self.eos) for x in self.source.__getitems__([int(i) for i in ids])]
+    return [from_example(x, self.eos) for x in self.source.read(ids)]
 
   def sample(self, i):
     return self.samples([i])[0]
