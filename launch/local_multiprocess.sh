@@ -3,7 +3,7 @@
 # 127.0.0.1 — the multi-host code path (per-process data shares, global arrays, Orbax from every
 # process) without a cluster. On CPU each process simulates DEVICES_PER_PROCESS devices.
 #   NPROC=2 DEVICES_PER_PROCESS=4 bash launch/local_multiprocess.sh --config=configs/tiny.py --workdir=runs/mp
-# Exits non-zero if any process fails. The tests use it (tests/test_train_e2e.py).
+# Exits non-zero if any process fails. The tests use it (tests/test_train.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 nproc=${NPROC:-2}

@@ -1,7 +1,7 @@
 """Shared builders for the inference / generation / export tests (cached per pytest process).
 
 * `workdir`: a training workdir (config.json, tokenizer copy, Orbax checkpoints at steps 2 and 4)
-  of the randomized "hybrid8" model, written by the code train.py uses (test_train_e2e checks
+  of the randomized "hybrid8" model, written by the code train.py uses (tests/test_train.py checks
   that a real run writes config.json);
 * `randomized(variant)`: tiny models whose every weight is random and large (norm scales 1 +
   0.1 z, other weights 0.2 z), so logits are far from uniform and a 1e-4 bound means something:

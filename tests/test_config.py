@@ -65,27 +65,34 @@ def test_bad_config_is_a_clear_error(field, value, match):
     cfg.validate(c)
 
 
-def test_mesh_errors():
+MESH_ERRORS = {   # name: (mesh, moe.expert_multiple, global_batch, message); on 8 devices
+    "fill_does_not_fit": (dict(data=3, fsdp=-1), 0, None, "does not fit 8 devices"),
+    "too_few_devices": (dict(data=2, fsdp=2, expert=1, tensor=1), 0, None, "4 devices but 8 are available"),
+    "two_fills": (dict(data=-1, fsdp=-1), 0, None, "at most one -1"),
+    "experts_not_divisible": (dict(data=1, fsdp=1, expert=8, tensor=1), 7, None,   # 7 experts, no padding
+                              "does not divide the 7 padded experts"),
+    "batch_not_divisible": (dict(data=1, fsdp=1, expert=8, tensor=1), 0, 4,
+                            "must be divisible by data\\*fsdp\\*expert"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MESH_ERRORS))
+def test_mesh_errors(case):
+  mesh, multiple, batch, match = MESH_ERRORS[case]
   c = load("tiny")
-  c.mesh.update(data=3, fsdp=-1)
-  with pytest.raises(ValueError, match="does not fit 8 devices"):
-    cfg.mesh_shape(c, 8)
-  c.mesh.update(data=2, fsdp=2, expert=1, tensor=1)
-  with pytest.raises(ValueError, match="4 devices but 8 are available"):
-    cfg.mesh_shape(c, 8)
-  c.mesh.update(data=-1, fsdp=-1)
-  with pytest.raises(ValueError, match="at most one -1"):
-    cfg.mesh_shape(c, 8)
-  c.mesh.update(data=1, fsdp=1, expert=8, tensor=1)
-  c.moe.expert_multiple = 7                      # 7 experts, no padding: 8 cannot divide 7
-  with pytest.raises(ValueError, match="does not divide the 7 padded experts"):
+  c.mesh.update(mesh)
+  c.moe.expert_multiple = multiple
+  if batch:
+    c.global_batch = batch
+  with pytest.raises(ValueError, match=match):
     cfg.validate(c, 8)
-  c.moe.expert_multiple = 0                      # default: pad to the expert axis -> 8
+
+
+def test_experts_pad_to_the_expert_axis_by_default():
+  c = load("tiny")
+  c.mesh.update(data=1, fsdp=1, expert=8, tensor=1)
   assert cfg.padded_num_experts(c) == 8
   cfg.validate(c, 8)
-  c.global_batch = 4
-  with pytest.raises(ValueError, match="must be divisible by data\\*fsdp\\*expert"):
-    cfg.validate(c, 8)
 
 
 def test_mesh_fill():

@@ -162,19 +162,34 @@ def test_chat_template_and_pipeline(tmp_path):
   assert res[0]["generated_text"][-1]["role"] == "assistant"
 
 
-def test_errors(trained, tmp_path):
+def _unigram_model(tmp_path):
+  import sentencepiece as spm
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(["a b c d e f g"] * 50), model_prefix=str(tmp_path / "uni"),
+                                 vocab_size=12, model_type="unigram", minloglevel=2)
+  return str(tmp_path / "uni.model")
+
+
+ERRORS = {   # name: (call(lm, workdir, tmp_path), exception, message)
+    "language_routing": (lambda lm, out, t: hf_export.check_exportable(
+        hf_config.apply_overrides(lm.config, {"moe.routing": "language"})), ValueError, "routing='language'.*--force_topk"),
+    "shard_size": (lambda lm, out, t: convert_to_hf.convert(out, str(t / "x"), max_shard_size="5 bananas"),
+                   ValueError, "max_shard_size='5 bananas'"),
+    "out_not_empty": (lambda lm, out, t: convert_to_hf.convert(out, out), FileExistsError, "not empty"),
+    "missing_model": (lambda lm, out, t: convert_to_hf.convert(str(t / "nope"), str(t / "y")),
+                      FileNotFoundError, "does not exist"),
+    "unigram_tokenizer": (lambda lm, out, t: tokenizer_export.sentencepiece_to_tokenizers(_unigram_model(t)),
+                          ValueError, "cannot convert this sentencepiece model"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_errors(case, trained, tmp_path):
+  call, exc, match = ERRORS[case]
   lm, out = trained
-  with pytest.raises(ValueError, match="routing='language'.*--force_topk"):
-    hf_export.check_exportable(hf_config.apply_overrides(lm.config, {"moe.routing": "language"}))
+  with pytest.raises(exc, match=match):
+    call(lm, out, tmp_path)
+
+
+def test_force_topk_exports_language_routing(trained):
+  lm, _ = trained
   hf_export.check_exportable(hf_config.apply_overrides(lm.config, {"moe.routing": "language"}), force_topk=True)
-  with pytest.raises(ValueError, match="max_shard_size='5 bananas'"):
-    convert_to_hf.convert(out, str(tmp_path / "x"), max_shard_size="5 bananas")
-  with pytest.raises(FileExistsError, match="not empty"):
-    convert_to_hf.convert(out, out)
-  with pytest.raises(FileNotFoundError, match="does not exist"):
-    convert_to_hf.convert(str(tmp_path / "nope"), str(tmp_path / "y"))
-  with pytest.raises(ValueError, match="cannot convert this sentencepiece model"):
-    import sentencepiece as spm
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(["a b c d e f g"] * 50), model_prefix=str(tmp_path / "uni"),
-                                   vocab_size=12, model_type="unigram", minloglevel=2)
-    tokenizer_export.sentencepiece_to_tokenizers(str(tmp_path / "uni.model"))

@@ -137,23 +137,25 @@ def test_streaming_matches_json_load_and_its_error_positions(env, tmp_path, monk
       list(stream_json.iter_items(str(p), ""))
 
 
-def test_streaming_error_messages(tmp_path):
-  (tmp_path / "empty.json").write_text("  \n")
-  with pytest.raises(ValueError, match="empty.json: expected a JSON list .* got an empty file"):
-    records.read_dataset(str(tmp_path / "empty.json"))
-  (tmp_path / "latin1.json").write_bytes(b'[\n["caf\xe9"]]')
-  with pytest.raises(ValueError, match="latin1.json: not UTF-8 text near line 1"):
-    records.read_dataset(str(tmp_path / "latin1.json"))
-  (tmp_path / "key.json").write_text('{"general_en": [["q", "a"]], 3: []}')
-  with pytest.raises(ValueError, match="key.json: malformed JSON at line 1 column 30: expecting a string key"):
-    records.read_dataset(str(tmp_path / "key.json"))
-  (tmp_path / "bench.json").write_text('{"medqa": []}')
-  with pytest.raises(ValueError, match="bench.json: ApolloMoEBench must be a JSON list of records, got dict"):
-    records.read_bench(str(tmp_path / "bench.json"))
-  (tmp_path / "where.json").write_text('[\n{"conversations": [{"value": "q"}], "source": "general_en"},\n'
-                                       '{"conversations": [], "source": "general_en"}]')
-  with pytest.raises(ValueError, match=r"where.json: record 1 \(source 'general_en'\) on line 3: empty conv"):
-    records.read_dataset(str(tmp_path / "where.json"))
+STREAM_ERRORS = {   # file name: (contents, reader, message)
+    "empty.json": (b"  \n", records.read_dataset, "empty.json: expected a JSON list .* got an empty file"),
+    "latin1.json": (b'[\n["caf\xe9"]]', records.read_dataset, "latin1.json: not UTF-8 text near line 1"),
+    "key.json": (b'{"general_en": [["q", "a"]], 3: []}', records.read_dataset,
+                 "key.json: malformed JSON at line 1 column 30: expecting a string key"),
+    "bench.json": (b'{"medqa": []}', records.read_bench,
+                   "bench.json: ApolloMoEBench must be a JSON list of records, got dict"),
+    "where.json": (b'[\n{"conversations": [{"value": "q"}], "source": "general_en"},\n'
+                   b'{"conversations": [], "source": "general_en"}]', records.read_dataset,
+                   r"where.json: record 1 \(source 'general_en'\) on line 3: empty conv"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STREAM_ERRORS))
+def test_streaming_error_messages(name, tmp_path):
+  contents, read, match = STREAM_ERRORS[name]
+  (tmp_path / name).write_bytes(contents)
+  with pytest.raises(ValueError, match=match):
+    read(str(tmp_path / name))
 
 
 def test_streaming_parse_of_a_large_file_has_bounded_memory(tmp_path):

@@ -274,28 +274,41 @@ def test_upcycle_shared_expert(dense_model):
 
 # ----------------------------------------------------------------------------------- errors (f)
 
-def test_errors(moe_model, dense_model):
+def _without(state, *names):
+  return {k: v for k, v in state.items() if k not in names}
+
+
+def _tied(dense_dir):
+  return hf_config.apply_overrides(hf_config.config_from_hf(hf_config.read_hf_config(dense_dir)),
+                                   {"model.tie_embeddings": True})
+
+
+IMPORT_ERRORS = {   # name: (call(moe config, moe state, dense dir), exception, message)
+    "missing_tensors": (lambda c, st, dd: hf_load.params_from_hf(_without(
+        st, "model.layers.1.self_attn.k_proj.bias", "model.layers.3.mlp.experts.4.up_proj.weight"), c),
+        ValueError, r"missing 2 tensor.*layers\.1\.self_attn\.k_proj\.bias.*experts\.4\.up_proj"),
+    "unexpected_tensor": (lambda c, st, dd: hf_load.params_from_hf(
+        {**st, "model.layers.0.mlp.extra_proj.weight": np.zeros((2, 2), np.float32)}, c),
+        ValueError, r"1 unexpected tensor.*model\.layers\.0\.mlp\.extra_proj\.weight"),
+    "fewer_experts": (lambda c, st, dd: hf_load.params_from_hf(st, hf_config.apply_overrides(c, {"moe.num_experts": 6})),
+                      ValueError, r"unexpected tensor.*num_experts=6.*experts\.6\."),
+    "architecture": (lambda c, st, dd: hf_config.config_from_hf({**DENSE, "architectures": ["LlamaForCausalLM"]}),
+                     ValueError, r"LlamaForCausalLM.*Qwen2ForCausalLM.*Qwen2MoeForCausalLM"),
+    "expert_width": (lambda c, st, dd: hf_config.config_from_hf(
+        {**MOE, "architectures": ["Qwen2MoeForCausalLM"], "moe_intermediate_size": 16}), ValueError, "moe_intermediate_size=16"),
+    "tied_but_different_head": (lambda c, st, dd: hf_load.params_from_hf(hf_load.load_hf_state(dd), _tied(dd)),
+                                ValueError, "lm_head.weight differs"),
+    "no_safetensors": (lambda c, st, dd: hf_load.load_hf_state(os.path.dirname(dd)), FileNotFoundError, "model.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IMPORT_ERRORS))
+def test_import_errors(case, moe_model, dense_model):
+  call, exc, match = IMPORT_ERRORS[case]
   _, d = moe_model
   config = hf_config.config_from_hf(hf_config.read_hf_config(d))
-  state = hf_load.load_hf_state(d)
-  missing = dict(state)
-  del missing["model.layers.1.self_attn.k_proj.bias"], missing["model.layers.3.mlp.experts.4.up_proj.weight"]
-  with pytest.raises(ValueError, match=r"missing 2 tensor.*layers\.1\.self_attn\.k_proj\.bias.*experts\.4\.up_proj"):
-    hf_load.params_from_hf(missing, config)
-  extra = {**state, "model.layers.0.mlp.extra_proj.weight": np.zeros((2, 2), np.float32)}
-  with pytest.raises(ValueError, match=r"1 unexpected tensor.*model\.layers\.0\.mlp\.extra_proj\.weight"):
-    hf_load.params_from_hf(extra, config)
-  with pytest.raises(ValueError, match=r"LlamaForCausalLM.*Qwen2ForCausalLM.*Qwen2MoeForCausalLM"):
-    hf_config.config_from_hf({**DENSE, "architectures": ["LlamaForCausalLM"]})
-  with pytest.raises(ValueError, match="moe_intermediate_size=16"):
-    hf_config.config_from_hf({**MOE, "architectures": ["Qwen2MoeForCausalLM"], "moe_intermediate_size": 16})
-  # tied config, but the stored lm_head is not the embedding
-  _, dd = dense_model
-  tied = hf_config.apply_overrides(hf_config.config_from_hf(hf_config.read_hf_config(dd)), {"model.tie_embeddings": True})
-  with pytest.raises(ValueError, match="lm_head.weight differs"):
-    hf_load.params_from_hf(hf_load.load_hf_state(dd), tied)
-  with pytest.raises(FileNotFoundError, match="model.safetensors"):
-    hf_load.load_hf_state(os.path.dirname(dd))
+  with pytest.raises(exc, match=match):
+    call(config, hf_load.load_hf_state(d), dense_model[1])
 
 
 # ------------------------------------------------------------------------------------- CLI (g)

@@ -1,6 +1,7 @@
 """`inference.load` of every path kind (training workdir, convert_from_hf dir, HF dir), params
 placed on the mesh, logits and score against stock transformers, and the errors."""
 
+import copy
 import json
 import os
 import shutil
@@ -114,38 +115,79 @@ def test_language_routing_needs_a_language():
   assert np.isfinite(en).all() and np.abs(en - lm.logits(IDS, language_ids=np.ones_like(IDS))).max() > 1e-3
 
 
-def test_errors(workdir, hf_moe, tmp_path):
-  def fails(exc, match, fn, *a, **kw):
-    with pytest.raises(exc, match=match):
-      fn(*a, **kw)
-  fails(FileNotFoundError, "does not exist", inference.load, str(tmp_path / "nope"))
-  os.makedirs(tmp_path / "empty")
-  fails(FileNotFoundError, "not a model dir", inference.load, str(tmp_path / "empty"))
-  os.makedirs(tmp_path / "untrained")
+def _untrained(tmp_path, workdir, checkpoints=False):
+  os.makedirs(tmp_path / "untrained" / ("checkpoints" if checkpoints else ""), exist_ok=True)
   shutil.copy(os.path.join(workdir, "config.json"), tmp_path / "untrained")
-  fails(FileNotFoundError, "nothing was trained", inference.load, str(tmp_path / "untrained"))
-  os.makedirs(tmp_path / "untrained" / "checkpoints")
-  fails(FileNotFoundError, "no complete checkpoint yet", inference.load, str(tmp_path / "untrained"))
-  os.makedirs(tmp_path / "old" / "checkpoints")
-  fails(FileNotFoundError, "no config.json", inference.load, str(tmp_path / "old"))
-  fails(FileNotFoundError, r"no complete checkpoint at step 3; available: \[2, 4\]", inference.load, workdir, step=3)
-  _, path = hf_moe
+  return str(tmp_path / "untrained"), {}
+
+
+def _llama(tmp_path, hf_dir):
   bad = str(tmp_path / "llama")
-  shutil.copytree(path, bad)
+  shutil.copytree(hf_dir, bad)
   json.dump({**json.load(open(os.path.join(bad, "config.json"))), "architectures": ["LlamaForCausalLM"]},
             open(os.path.join(bad, "config.json"), "w"))
-  fails(ValueError, "unsupported architecture.*LlamaForCausalLM", inference.load, bad)
+  return bad, {}
 
-  lm = inference.load(path, devices=ONE)                   # an HF dir without tokenizer files
-  fails(ValueError, "has no tokenizer", lm.generate, ["hello"])
-  fails(ValueError, r"ids in \[0, 4096\)", lm.generate, [[1, 5000]])
-  fails(ValueError, "all strings or all token-id lists", lm.score, ["a", [1]], ["b", [2]])
-  fails(ValueError, "prompts\\[0\\] is empty", lm.score, [[]], [[1]])
-  fails(ValueError, "2 prompts but 1 continuations", lm.score, [[1], [2]], [[3]])
-  fails(ValueError, "max_new_tokens=0", lm.generate, [[1, 2]], max_new_tokens=0)
-  lm.max_len = 20
-  fails(ValueError, r"prompts\[0\] \(15 tokens\) \+ max_new_tokens is 25 tokens, longer than the model's limit of 20",
-        lm.generate, [list(range(15))], max_new_tokens=10)
-  fails(ValueError, "input is 21 tokens", lm.logits, np.zeros((1, 21), np.int32))
+
+def _made(tmp_path, *parts):
+  os.makedirs(tmp_path.joinpath(*parts))
+  return str(tmp_path / parts[0]), {}
+
+
+LOAD_ERRORS = {   # name: (make(tmp_path, workdir, hf_dir) -> (path, load kwargs), exception, message)
+    "missing": (lambda t, w, h: (str(t / "nope"), {}), FileNotFoundError, "does not exist"),
+    "empty_dir": (lambda t, w, h: _made(t, "empty"), FileNotFoundError, "not a model dir"),
+    "config_only": (lambda t, w, h: _untrained(t, w), FileNotFoundError, "nothing was trained"),
+    "no_checkpoint": (lambda t, w, h: _untrained(t, w, True), FileNotFoundError, "no complete checkpoint yet"),
+    "no_config": (lambda t, w, h: _made(t, "old", "checkpoints"), FileNotFoundError, "no config.json"),
+    "missing_step": (lambda t, w, h: (w, {"step": 3}), FileNotFoundError,
+                     r"no complete checkpoint at step 3; available: \[2, 4\]"),
+    "llama": (lambda t, w, h: _llama(t, h), ValueError, "unsupported architecture.*LlamaForCausalLM"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOAD_ERRORS))
+def test_load_errors(case, workdir, hf_moe, tmp_path):
+  make, exc, match = LOAD_ERRORS[case]
+  path, kwargs = make(tmp_path, workdir, hf_moe[1])
+  with pytest.raises(exc, match=match):
+    inference.load(path, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def hf_lm(hf_moe):
+  """An HF dir without tokenizer files, loaded on one device."""
+  return inference.load(hf_moe[1], devices=ONE)
+
+
+def _limited(lm, n=20):
+  lm.max_len = n
+  return lm
+
+
+def _chat(lm, messages):
   lm.tokenizer = load_tokenizer(lf.SAMPLE_TOKENIZER)
-  fails(ValueError, "must alternate user/assistant", lm.chat, [{"role": "system", "content": "x"}])
+  return lm.chat(messages)
+
+
+CALL_ERRORS = {   # name: (call(lm), message)
+    "no_tokenizer": (lambda lm: lm.generate(["hello"]), "has no tokenizer"),
+    "id_out_of_vocab": (lambda lm: lm.generate([[1, 5000]]), r"ids in \[0, 4096\)"),
+    "mixed_inputs": (lambda lm: lm.score(["a", [1]], ["b", [2]]), "all strings or all token-id lists"),
+    "empty_prompt": (lambda lm: lm.score([[]], [[1]]), "prompts\\[0\\] is empty"),
+    "count_mismatch": (lambda lm: lm.score([[1], [2]], [[3]]), "2 prompts but 1 continuations"),
+    "no_new_tokens": (lambda lm: lm.generate([[1, 2]], max_new_tokens=0), "max_new_tokens=0"),
+    "too_long_generate": (lambda lm: _limited(lm).generate([list(range(15))], max_new_tokens=10),
+                          r"prompts\[0\] \(15 tokens\) \+ max_new_tokens is 25 tokens, longer than the "
+                          "model's limit of 20"),
+    "too_long_logits": (lambda lm: _limited(lm).logits(np.zeros((1, 21), np.int32)), "input is 21 tokens"),
+    "chat_roles": (lambda lm: _chat(lm, [{"role": "system", "content": "x"}]), "must alternate user/assistant"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CALL_ERRORS))
+def test_call_errors(case, hf_lm):
+  call, match = CALL_ERRORS[case]
+  lm = copy.copy(hf_lm)                  # cases that set max_len or a tokenizer leave the fixture as is
+  with pytest.raises(ValueError, match=match):
+    call(lm)

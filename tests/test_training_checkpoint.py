@@ -1,0 +1,122 @@
+"""Resuming a checkpoint where the run changed: another expert padding (mesh expert axis) and
+another process count (the data position)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import train_fixtures as tf
+from apollo_jax.training import checkpoint
+from apollo_jax.training import optimizer
+from apollo_jax.runtime import sharding
+from apollo_jax.training import step as ts
+from apollo_jax.model import transformer
+
+_config, _flat = tf.tiny_config, tf.flat
+
+# --------------------------------------------------------------------- resume across padding
+
+class _Iter:
+  def __init__(self, step=0):
+    self.state = {"next_index": step}
+
+  def get_state(self):
+    return self.state
+
+  def set_state(self, s):
+    self.state = s
+
+
+def _state(config, devices, seed):
+  """(random train state on `devices` (padded experts zero), abstract state, shardings)."""
+  mesh = sharding.make_mesh(config, jax.devices()[:devices])
+  with sharding.activate(mesh):
+    model, tx = transformer.build_model(config, mesh), optimizer.make_optimizer(config)
+    abstract, shardings, _ = ts.state_shardings(model, config, tx, mesh)
+  n = config.moe.num_experts
+  rng = np.random.default_rng(seed)
+
+  def fill(path, a, s):
+    v = np.zeros(a.shape, a.dtype)
+    if np.issubdtype(a.dtype, np.floating) and a.ndim:
+      v = rng.normal(size=a.shape).astype(a.dtype)
+      if any(getattr(k, "key", None) == "experts" for k in path):
+        v[n:] = 0
+    return jax.device_put(v, s)
+  return jax.tree_util.tree_map_with_path(fill, abstract, shardings), abstract, shardings
+
+
+@pytest.mark.slow
+def test_resume_across_expert_padding(tmp_path):
+  """8 padded experts on an expert=2 mesh -> 7 unpadded on expert=1 (fsdp=4) -> back to 8 on
+  expert=4: params and optimizer moments of the 7 real experts survive every hop exactly; a
+  checkpoint whose 8th expert is not zero cannot be trimmed to 7."""
+  a_cfg = _config(mesh__expert=2, mesh__fsdp=-1)
+  state, _, _ = _state(a_cfg, 8, 0)
+  ck = checkpoint.Checkpointer(str(tmp_path), a_cfg)
+  ck.save(3, state, _Iter(3))
+  bad = jax.tree.map(lambda x: x, state)
+  leaf = bad["params"]["layers_3"]["mlp"]["experts"]["gate_proj"]
+  bad["params"]["layers_3"]["mlp"]["experts"]["gate_proj"] = leaf.at[7].set(1.0)
+  ck.save(9, bad, _Iter(9))
+  ck.close()
+  ref = _flat(state)
+  assert ref["['params']['layers_2']['mlp']['experts']['up_proj']"].shape[0] == 8
+
+  b_cfg = _config(mesh__expert=1, mesh__fsdp=4)
+  _, b_abs, b_sh = _state(b_cfg, 4, 1)
+  it = _Iter()
+  ck = checkpoint.Checkpointer(str(tmp_path), b_cfg)
+  got = ck.restore(3, b_abs, b_sh, it)
+  assert it.state == {"next_index": 3}
+  flat = _flat(got)
+  assert flat.keys() == ref.keys()
+  n_expert_leaves = 0
+  for k, v in flat.items():
+    if "experts" in k:
+      n_expert_leaves += 1
+      assert v.shape[0] == 7, k
+      np.testing.assert_array_equal(v, ref[k][:7], err_msg=k)
+    else:
+      np.testing.assert_array_equal(v, ref[k], err_msg=k)
+  assert n_expert_leaves == 3 * 2 * 3       # {gate,up,down} x 2 MoE layers x (param, mu, nu)
+  assert jax.tree.leaves(got["params"])[0].sharding.mesh.shape["fsdp"] == 4
+  with pytest.raises(ValueError, match=r"layers_3.*gate_proj.*non-zero experts beyond the 7"):
+    ck.restore(9, b_abs, b_sh)
+  ck.save(4, got, _Iter(4))
+  ck.close()
+
+  c_cfg = _config(mesh__expert=4, mesh__fsdp=2)
+  _, c_abs, c_sh = _state(c_cfg, 8, 2)
+  back = _flat(checkpoint.Checkpointer(str(tmp_path), c_cfg).restore(4, c_abs, c_sh))
+  for k, v in back.items():
+    np.testing.assert_array_equal(v, ref[k], err_msg=k)
+
+
+def test_data_position_across_process_counts(tmp_path):
+  c = _config()
+  state, abstract, shardings = _state(c, 1, 0)
+  ck = checkpoint.Checkpointer(str(tmp_path), c)
+  ck.save(5, state, _Iter(5))
+  ck.close()
+  data_file = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "checkpoints" / "5" / "data")
+               for f in fs if not f.startswith("_")][0]
+  saved = json.load(open(data_file))
+  ck = checkpoint.Checkpointer(str(tmp_path), c)
+  same = json.dumps({"next_index": 5})
+  for states, ok in (([same, same], True), ([same, json.dumps({"next_index": 6})], False)):
+    json.dump({**saved, "process_count": 2, "states": states}, open(data_file, "w"))
+    it = _Iter()
+    if ok:                                 # 2 processes at the same step -> 1 process goes on
+      ck.restore(5, abstract, shardings, it)
+      assert it.state == {"next_index": 5}
+    else:
+      with pytest.raises(ValueError, match="written by 2 processes, this run has 1, and their saved"):
+        ck.restore(5, abstract, shardings, it)
+  json.dump(saved, open(data_file, "w"))
+  c2 = _config(global_batch=16)
+  with pytest.raises(ValueError, match="global_batch=8, this run has 16"):
+    checkpoint.Checkpointer(str(tmp_path), c2).restore(5, abstract, shardings, _Iter())
