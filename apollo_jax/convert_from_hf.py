@@ -9,13 +9,13 @@ are checked) and contributes the MoE settings (with --upcycle) and non-shape fie
 dtype. Writes OUT/params (Orbax) and OUT/model_config.json.
 """
 
-import os
 
 from absl import flags, logging
 from ml_collections import config_flags
 
 from apollo_jax import config as cfg
 from apollo_jax.runtime import cli
+from apollo_jax.runtime import workdir as workdir_io
 from apollo_jax.hf import config as hf_config
 from apollo_jax.hf import load as hf_load
 from apollo_jax.hf import upcycle as upcycle_lib
@@ -35,10 +35,7 @@ def define_flags():
 def convert(hf_dir, out, config=None, upcycle=False):
   """Returns (config, params) after writing them to `out`."""
   import jax
-  if not os.path.isfile(os.path.join(hf_dir, "config.json")):
-    raise FileNotFoundError(f"--hf_dir={hf_dir} has no config.json: expected an HF checkpoint dir "
-                            "(config.json + model.safetensors, e.g. from `hf download "
-                            "Qwen/Qwen2-0.5B --local-dir DIR`)")
+  workdir_io.model_dir_kind(hf_dir, ("hf",), "--hf_dir")      # or a message saying what it is
   src = hf_config.config_from_hf(hf_config.read_hf_config(hf_dir))
   if config is not None:
     hf_config.check_same_model(src, config, f"HF checkpoint {hf_dir}", "--config")

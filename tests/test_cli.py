@@ -42,7 +42,7 @@ def test_cli_guard_debug_and_bugs(capsys, monkeypatch, tmp_path):
   with pytest.raises(SystemExit) as e:
     cli.guard(convert)([])
   err = capsys.readouterr().err
-  assert e.value.code == 1 and err.startswith(f"ERROR: --hf_dir={tmp_path}/none has no config.json")
+  assert e.value.code == 1 and err.startswith(f"ERROR: --hf_dir '{tmp_path}/none' does not exist: expected an HF checkpoint dir")
   assert err.count("\n") == 1 and err.rstrip().endswith("(rerun with --debug for the traceback)")
   with pytest.raises(KeyError):            # a bug keeps its traceback
     cli.guard(bug)([])
