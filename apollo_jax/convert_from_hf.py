@@ -9,7 +9,6 @@ are checked) and contributes the MoE settings (with --upcycle) and non-shape fie
 dtype. Writes OUT/params (Orbax) and OUT/model_config.json.
 """
 
-
 from absl import flags, logging
 from ml_collections import config_flags
 
