@@ -284,6 +284,39 @@ def mesh_shape(config, num_devices: int) -> dict:
   return sizes
 
 
+# Numeric ranges that validate() enforces: field -> "interval" in the notation the error prints:
+# "[a, b)" or "[a, inf)", "(a, ..." where a itself is refused. A value outside is refused before
+# anything is built (else: ZeroDivision, a run that trains backwards, a checkpoint policy that
+# deletes every checkpoint...).
+RANGES = {
+    "model.vocab_size": "[1, inf)", "model.hidden_size": "[1, inf)", "model.intermediate_size": "[1, inf)",
+    "model.num_layers": "[1, inf)", "model.num_heads": "[1, inf)", "model.num_kv_heads": "[1, inf)",
+    "model.head_dim": "[0, inf)", "model.rope_theta": "(0, inf)", "model.rms_norm_eps": "[0, inf)",
+    "model.init_std": "[0, inf)", "moe.router_init_std": "[0, inf)", "moe.aux_loss_weight": "[0, inf)",
+    "moe.z_loss_weight": "[0, inf)", "moe.expert_multiple": "[0, inf)",
+    "data.seq_len": "[2, inf)", "data.eval_fraction": "[0, 1)", "data.num_workers": "[0, inf)",
+    "data.build_workers": "[0, inf)",
+    "global_batch": "[1, inf)", "grad_accum": "[1, inf)", "steps": "[1, inf)", "eval_every": "[0, inf)",
+    "log_every": "[1, inf)", "loss_chunk": "[0, inf)",
+    "optim.lr": "(0, inf)", "optim.warmup_ratio": "[0, 1)", "optim.horizon": "[1, inf)",
+    "optim.weight_decay": "[0, inf)", "optim.b1": "[0, 1)", "optim.b2": "[0, 1)", "optim.eps": "(0, inf)",
+    "optim.clip": "(0, inf)", "ckpt.every": "[1, inf)", "ckpt.keep": "[1, inf)", "bench_eval.every": "[0, inf)",
+}
+
+
+def _in_range(v, interval: str) -> bool:
+  low, high = (float(x) for x in interval[1:-1].split(","))
+  return (v > low if interval[0] == "(" else v >= low) and v < high
+
+
+def _field(config, name):
+  for k in name.split("."):
+    if k not in config:
+      return None
+    config = config[k]
+  return config
+
+
 def validate(config, num_devices: int | None = None):
   """Fail early, with a message that says what to change. Returns the config."""
   m, e = config.model, config.moe
@@ -291,6 +324,14 @@ def validate(config, num_devices: int | None = None):
   def need(cond, msg):
     if not cond:
       raise ValueError(f"invalid config: {msg}")
+
+  for name, interval in RANGES.items():
+    v = _field(config, name)
+    if v is None:
+      continue
+    need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+         f"{name}={v!r} must be a finite number")
+    need(_in_range(v, interval), f"{name}={v!r} is out of range: it must be in {interval}")
 
   need(m.num_heads % m.num_kv_heads == 0,
        f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}")
@@ -321,10 +362,7 @@ def validate(config, num_devices: int | None = None):
   t = config
   need(t.grad_accum >= 1 and t.global_batch % t.grad_accum == 0,
        f"global_batch={t.global_batch} must be divisible by grad_accum={t.grad_accum}")
-  need(t.steps >= 1, "steps must be >= 1")
   need(t.get("epochs", 0) >= 0, "epochs must be >= 0 (0: use steps)")
-  need(0 <= config.optim.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)")
-  need(config.optim.horizon >= 1, "optim.horizon must be >= 1 (the schedule spans horizon * steps)")
   if num_devices is not None:
     sizes = mesh_shape(config, num_devices)
     if config.mesh.expert != -1 or e.expert_multiple > 0:

@@ -56,6 +56,18 @@ def test_unknown_config_argument():
     ("data.packing", "greedy", "data.packing"),
     ("grad_accum", 3, "divisible by grad_accum"),
     ("model.dtype", "fp8", "model.dtype"),
+    # numbers accepted before and wrong or fatal later (config.RANGES)
+    ("optim.lr", -1e-4, r"optim.lr=-0.0001 is out of range: it must be in \(0, inf\)"),
+    ("optim.lr", float("nan"), r"optim.lr=nan must be a finite number"),
+    ("optim.clip", -1.0, r"optim.clip=-1.0 is out of range"),
+    ("ckpt.keep", 0, r"ckpt.keep=0 is out of range: it must be in \[1, inf\)"),
+    ("ckpt.every", 0, r"ckpt.every=0 is out of range"),
+    ("log_every", -5, r"log_every=-5 is out of range"),
+    ("data.seq_len", 0, r"data.seq_len=0 is out of range"),
+    ("global_batch", 0, r"global_batch=0 is out of range"),
+    ("steps", 0, r"steps=0 is out of range"),
+    ("optim.warmup_ratio", 1.0, r"optim.warmup_ratio=1.0 is out of range: it must be in \[0, 1\)"),
+    ("model.num_layers", 0, r"model.num_layers=0 is out of range"),
 ])
 def test_bad_config_is_a_clear_error(field, value, match):
   c = load("tiny")

@@ -8,6 +8,7 @@ import sys
 import matplotlib.image
 import pytest
 from apollo_jax.analysis import plots
+from apollo_jax.runtime import workdir as workdir_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +45,7 @@ def test_training_curves(tmp_path):
   assert all(os.path.dirname(p) == str(tmp_path / "plots") for p in paths)
   for p in paths:      # 6.4 x 4 in at 100 dpi; the load figure has one 3.2 in panel per layer
     assert _shape(p) == ((400, 1280) if p.endswith("moe_load.png") else (400, 640)), p
-  steps, values = plots._series(plots.read_metrics(str(tmp_path)), "eval_loss")
+  steps, values = plots._series(workdir_io.read_metrics(str(tmp_path)), "eval_loss")
   assert steps == [0, 10, 20] and values == pytest.approx([8.3, 7.2, 6.2])     # from the step-0 baseline
 
 

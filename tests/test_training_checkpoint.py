@@ -120,3 +120,40 @@ def test_data_position_across_process_counts(tmp_path):
   c2 = _config(global_batch=16)
   with pytest.raises(ValueError, match="global_batch=8, this run has 16"):
     checkpoint.Checkpointer(str(tmp_path), c2).restore(5, abstract, shardings, _Iter())
+
+
+# --------------------------------------------------------------------- saves are never skipped
+
+def _small_state(x=1.0):
+  return {"w": jax.numpy.full((4,), x, jax.numpy.float32), "step": jax.numpy.int32(0)}
+
+
+def test_second_trainer_saving_an_existing_step_is_an_error(tmp_path):
+  c = _config()
+  first, second = checkpoint.Checkpointer(str(tmp_path), c), checkpoint.Checkpointer(str(tmp_path), c)
+  first.save(3, _small_state(), _Iter(3))
+  first.wait()
+  with pytest.raises(checkpoint.CheckpointError, match=r"step 3 already exists .*second trainer.*last complete step 3"):
+    second.save(3, _small_state(2.0), _Iter(3))
+  first.close(), second.close()
+  restored = checkpoint.Checkpointer(str(tmp_path), c)
+  got = restored.manager.restore(3, args=checkpoint.ocp.args.Composite(
+      state=checkpoint.ocp.args.StandardRestore(_small_state()), data=checkpoint.ocp.args.JsonRestore()))
+  assert float(got["state"]["w"][0]) == 1.0                 # the first run's save, untouched
+  restored.close()
+
+
+def test_a_failed_background_save_stops_the_run_at_once(tmp_path, monkeypatch):
+  ck = checkpoint.Checkpointer(str(tmp_path), _config())
+  ck.save(2, _small_state(), _Iter(2))
+  ck.wait()
+
+  def disk_full():
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(ck.manager, "check_for_errors", disk_full)
+  with pytest.raises(checkpoint.CheckpointError, match=r"failed: OSError: .*No space left.*complete checkpoint is step 2"):
+    ck.check()
+  with pytest.raises(checkpoint.CheckpointError, match="No space left"):
+    ck.save(4, _small_state(), _Iter(4))                   # never starts another save on top
+  monkeypatch.undo()
+  ck.close()

@@ -147,3 +147,12 @@ def test_sigterm_on_one_process_stops_all_at_the_same_step(tmp_path):
   steps = [re.findall(r"STOP (\d+)", o) for o, _ in outs]
   assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
   assert steps[0] == steps[1] and len(steps[0]) == 1 and int(steps[0][0]) >= 5
+
+
+def test_a_second_trainer_on_a_workdir_stops_at_once(tmp_path):
+  from apollo_jax.runtime import workdir as workdir_io
+  held = workdir_io.TrainerLock(str(tmp_path)).acquire()
+  with pytest.raises(workdir_io.WorkdirLocked, match=f"{tmp_path} is in use by another trainer"):
+    loop.train(tf.tiny_config(), str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
+  held.release()

@@ -192,3 +192,44 @@ def test_epochs_to_steps():
   assert setup.apply_epochs(c, D()) is None and c.steps == 7
   with pytest.raises(ValueError, match="epochs must be >= 0"):
     cfg.validate(_config(epochs=-1.0))
+
+
+# ----------------------------------------------------------------------------- resume safety
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  import lm_fixtures
+  return lm_fixtures.workdir(str(tmp_path_factory.mktemp("resume"))), lm_fixtures
+
+
+def _copy(src, dst):
+  import shutil
+  shutil.copytree(src, dst)
+  return str(dst)
+
+
+def test_resume_with_other_settings_is_one_paragraph_and_changes_nothing(trained_workdir, tmp_path):
+  from apollo_jax.training import loop
+  src, lf = trained_workdir
+  work = _copy(src, tmp_path / "w")
+  before = {n: open(os.path.join(work, n), "rb").read() for n in ("config.json", "tokenizer.model")}
+  c = lf.tiny_config(moe_layers="last:3")
+  c.model.hidden_size, c.moe.num_experts = 32, 7
+  other_tok = tmp_path / "other.model"
+  other_tok.write_bytes(before["tokenizer.model"] + b"x")
+  c.data.tokenizer = str(other_tok)
+  with pytest.raises(ValueError, match=(r"cannot resume .*model.hidden_size: checkpoint 64, this config 32"
+                                        r".*moe.layers: checkpoint 'last:2' \(layers \[2, 3\]\), this config "
+                                        r"'last:3' \(layers \[1, 2, 3\]\).*data.tokenizer: .*other.model is not "
+                                        r"the tokenizer")) as e:
+    loop.train(c, work)
+  assert "\n" not in str(e.value)
+  for name, data in before.items():                      # the workdir is as it was
+    assert open(os.path.join(work, name), "rb").read() == data
+
+
+def test_resume_with_the_same_settings_passes_the_check(trained_workdir):
+  src, lf = trained_workdir
+  c = lf.tiny_config(**lf.VARIANTS["hybrid8"])
+  c.steps, c.global_batch = 9, 8                          # run length and batch may change
+  setup.check_resume(src, c)

@@ -1,6 +1,5 @@
 """Helpers for the end-to-end training tests: fixture data, the tiny run's flags, subprocess runs."""
 
-import json
 import os
 import subprocess
 import sys
@@ -92,12 +91,12 @@ def committed_steps(workdir):
 
 
 def read_metrics(workdir, train_only=True):
-  """metrics.jsonl records; train_only drops the step-0 eval-only record (it has no "loss")."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  """metrics.jsonl records as readers see them (resumes applied); train_only drops the step-0
+  eval-only record (it has no "loss")."""
+  from apollo_jax.runtime import workdir as workdir_io
+  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
     return []
-  with open(path) as f:
-    recs = [json.loads(line) for line in f if line.strip()]
+  recs = workdir_io.read_metrics(workdir)
   return [r for r in recs if "loss" in r] if train_only else recs
 
 

@@ -10,7 +10,6 @@ Every figure has a fixed size in pixels (no tight bounding box), so its PNG size
 DPI * the figure size given below.
 """
 
-import json
 import os
 import re
 
@@ -20,17 +19,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from apollo_jax.runtime import workdir as workdir_io  # noqa: E402
+
 DPI = 100
 CURVE_SIZE = (6.4, 4.0)        # inches: 640 x 400 px
-
-
-def read_metrics(workdir: str) -> list:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: --workdir must be a training workdir "
-                            "(python -m apollo_jax.train --workdir=DIR writes DIR/metrics.jsonl)")
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def _series(recs, key):
@@ -112,7 +104,7 @@ def _moe_load(out_dir, recs):
 
 def training_curves(workdir: str, out_dir: str = "") -> list:
   """Writes the curve PNGs of DIR/metrics.jsonl; returns their paths."""
-  recs = read_metrics(workdir)
+  recs = workdir_io.read_metrics(workdir)
   out_dir = out_dir or os.path.join(workdir, "plots")
   os.makedirs(out_dir, exist_ok=True)
   drops = [f"moe/layer_{i}/drop_fraction" for i in _moe_layers(recs, "drop_fraction")]

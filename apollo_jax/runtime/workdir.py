@@ -3,12 +3,17 @@
   WORKDIR/config.json                      the full resolved config (train.py writes it at start)
   WORKDIR/tokenizer.model | tokenizer.json a copy of the training tokenizer
   WORKDIR/checkpoints/<step>/state/        Orbax train state {params, opt_state, step, rng}
+  WORKDIR/metrics.jsonl                    one JSON record per logged step, appended (read_metrics)
+  WORKDIR/train.lock                       the running trainer: host, pid, start (TrainerLock)
 
 so that `inference.load(WORKDIR)` needs nothing else.
 """
 
 import json
+import logging
 import os
+import socket
+import time
 
 import jax
 import ml_collections
@@ -17,6 +22,7 @@ from etils import epath
 from apollo_jax import config as cfg
 
 CONFIG = "config.json"
+METRICS = "metrics.jsonl"
 TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.json")
 
 
@@ -36,6 +42,112 @@ def write_config(config, workdir: str):
     dst = out / ("tokenizer.model" if tok.endswith(".model") else "tokenizer.json")
     if os.path.abspath(tok) != os.path.abspath(str(dst)):
       dst.write_bytes(epath.Path(tok).read_bytes())
+
+
+class WorkdirLocked(OSError):
+  """Another trainer holds the workdir (an OSError: cli.run prints it as one ERROR paragraph)."""
+
+
+class TrainerLock:
+  """One trainer per workdir, held by process 0 for the whole run.
+
+  A local or NFS workdir: an fcntl lock on WORKDIR/train.lock, whose text names the holder. The
+  kernel drops the lock when the holder dies, however it dies, so a stale lock needs no cleanup
+  (NFS: the server releases it when the client's lease ends). An object store (gs://) cannot
+  lock: train.lock is a lease that the holder renews (`renew()`, at most every LEASE_S / 4), and
+  one older than LEASE_S is taken over with a warning; two trainers started within the same
+  second on gs:// are not told apart."""
+
+  NAME, LEASE_S = "train.lock", 600.0
+
+  def __init__(self, workdir: str):
+    self.path = epath.Path(workdir) / self.NAME
+    self.remote = "://" in str(workdir)
+    self.file, self.renewed = None, 0.0
+    self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+
+  def _refuse(self, other):
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(other.get("started", 0)))
+    raise WorkdirLocked(
+        f"{self.path.parent} is in use by another trainer (host {other.get('host')}, pid {other.get('pid')}, "
+        f"started {when}): two trainers on one workdir overwrite each other's checkpoints. Stop that "
+        "run first, or train into another --workdir.")
+
+  def acquire(self):
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    if self.remote:
+      if self.path.exists():
+        other = json.loads(self.path.read_text() or "{}")
+        if time.time() - other.get("renewed", 0) < self.LEASE_S:
+          self._refuse(other)
+        logging.warning("%s: taking over the expired lease of %s", self.path, other)
+      self.renew(force=True)
+      return self
+    import fcntl
+    self.file = open(str(self.path), "a+")
+    try:
+      fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self.file.seek(0)
+      text = self.file.read()
+      self.file.close()
+      self._refuse(json.loads(text) if text.strip() else {})
+    self.file.seek(0)
+    self.file.truncate()
+    self.file.write(json.dumps(self.holder) + "\n")
+    self.file.flush()
+    return self
+
+  def renew(self, force=False):
+    """gs://: refresh the lease (cheap to call every step: writes at most every LEASE_S / 4)."""
+    if self.remote and (force or time.time() - self.renewed > self.LEASE_S / 4):
+      self.renewed = time.time()
+      self.path.write_text(json.dumps({**self.holder, "renewed": self.renewed}))
+
+  def release(self):
+    if self.remote:
+      if self.path.exists():
+        self.path.unlink()
+    elif self.file is not None:
+      self.file.close()          # closing the descriptor drops the flock
+      self.file = None
+
+
+def parse_metrics(text: str, where: str) -> tuple:
+  """(records, bytes of the intact prefix) of metrics.jsonl text. The file is only ever appended
+  to: a resumed run first appends {"resume": s}, and its records replace those after step s
+  (s = -1: all). A torn last line (a crash or a full disk mid-append) is dropped with a warning;
+  any other bad line is an error naming the file and line."""
+  records, good, pos = [], 0, 0
+  lines = text.splitlines(True)
+  for n, line in enumerate(lines, 1):
+    pos += len(line.encode())
+    if not line.strip():
+      good = pos
+      continue
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError as e:
+      if n == len(lines) and not line.endswith("\n"):
+        logging.warning("%s: dropped a torn last line (%d bytes, a crash or a full disk mid-write)",
+                        where, len(line.encode()))
+        break
+      raise ValueError(f"{where}: line {n} is not JSON ({e.msg}); fix or delete that line") from None
+    if "resume" in rec:
+      records = [r for r in records if r.get("step", 0) <= rec["resume"]]
+    else:
+      records.append(rec)
+    good = pos
+  return records, good
+
+
+def read_metrics(workdir: str) -> list:
+  """The records of WORKDIR/metrics.jsonl (parse_metrics), for plots and anything else."""
+  path = epath.Path(workdir) / METRICS
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: --workdir must be a training workdir "
+                            "(python -m apollo_jax.train --workdir=DIR writes DIR/metrics.jsonl)")
+  return parse_metrics(path.read_text(), str(path))[0]
 
 
 # The three kinds of model directory, and what makes one: the single classifier behind

@@ -35,6 +35,11 @@ def workdir_path(workdir: str) -> epath.Path:
   return epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
 
 
+class CheckpointError(OSError):
+  """A save that did not happen or failed: the run stops at once, the last good step is named
+  (an OSError: cli.run prints it as one ERROR paragraph)."""
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, config):
@@ -52,14 +57,33 @@ class Checkpointer:
   def all_steps(self):
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state, data_iter) -> bool:
-    """Starts an async save of `state` and the iterator position; False if `step` exists."""
-    if step in self.manager.all_steps():
-      return False
+  def save(self, step: int, state, data_iter):
+    """Starts an async save of `state` and the iterator position. A step that already exists
+    (another trainer wrote it) or a save Orbax declines is a CheckpointError, never a skip."""
+    self.check()
+    if step in self.manager.all_steps() or (epath.Path(self.directory) / str(step)).exists():  # on disk now
+      self.manager.reload()          # (this run stops: its own step list may be stale)
+      raise CheckpointError(
+          f"checkpoint step {step} already exists in {self.directory}, written by another run: is a "
+          "second trainer using this workdir? This run stops without overwriting it; last complete "
+          f"step {self.latest_step()}.")
     data = {"process_count": jax.process_count(), "global_batch": self.global_batch,
             "states": gather_iterator_states(data_iter)}
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True)
+    if not self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True):
+      raise CheckpointError(f"Orbax declined to save step {step} in {self.directory}; last complete "
+                            f"step {self.latest_step()}.")
+
+  def check(self):
+    """Raises a CheckpointError now if a background save failed (a full disk...); cheap when all
+    is well, so the loop calls it every step."""
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001 (whatever the writer raised, said in one paragraph)
+      raise CheckpointError(
+          f"writing a checkpoint in {self.directory} failed: {type(e).__name__}: {e}. The last "
+          f"complete checkpoint is step {self.latest_step()}; fix the cause (e.g. free disk space) "
+          "and rerun the same command to resume from it.") from e
 
   def restore(self, step: int, abstract_state, shardings, data_iter=None):
     """State restored onto `shardings` (any mesh); sets `data_iter` to the saved position."""
@@ -91,8 +115,9 @@ class Checkpointer:
         "start a new workdir with --config.init_from pointing at exported params.")
 
   def wait(self):
-    """Blocks until every pending async save is committed."""
+    """Blocks until every pending async save is committed (CheckpointError if one failed)."""
     self.manager.wait_until_finished()
+    self.check()
 
   def close(self):
     self.manager.wait_until_finished()

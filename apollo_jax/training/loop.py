@@ -80,32 +80,54 @@ def train(config, workdir: str) -> dict:
   cfg.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config)
   stop = StopRequest()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    model = transformer.build_model(config, mesh)
-    data = pipeline.make_data(config, config.data.cache_dir or os.path.join(workdir, "data_cache"),
-                              jax.process_index(), jax.process_count())
-    config = pipeline.skip_empty_eval(config, data)
-    setup.apply_epochs(config, data)  # steps from config.epochs: before the schedule is built
-    workdir_io.write_config(config, workdir)   # WORKDIR/config.json + tokenizer: all inference/export need
-    tx = optimizer.make_optimizer(config)
-    abstract, shardings, init_fn = ts.state_shardings(model, config, tx, mesh)
-    ckpt = checkpoint.Checkpointer(workdir, config)
+  lock = hold_workdir(workdir)
+  ckpt = checkpoint.Checkpointer(workdir, config)
+  try:
     latest = ckpt.latest_step()
-    if latest is not None:
-      state = ckpt.restore(latest, abstract, shardings, data.train_iter)
-      print(f"resumed from {ckpt.directory}/{latest}", flush=True)
-    else:
-      params = None
-      if config.init_from:
-        params = setup.load_params(config, abstract["params"], shardings["params"])
-      state = ts.init_state(config, tx, shardings, init_fn, params)
+    if latest is not None:           # before anything is built or written
+      setup.check_resume(workdir, config)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+      model = transformer.build_model(config, mesh)
+      data = pipeline.make_data(config, config.data.cache_dir or os.path.join(workdir, "data_cache"),
+                                jax.process_index(), jax.process_count())
+      config = pipeline.skip_empty_eval(config, data)
+      setup.apply_epochs(config, data)  # steps from config.epochs: before the schedule is built
+      tx = optimizer.make_optimizer(config)
+      abstract, shardings, init_fn = ts.state_shardings(model, config, tx, mesh)
+      if latest is not None:
+        state = ckpt.restore(latest, abstract, shardings, data.train_iter)
+        print(f"resumed from {ckpt.directory}/{latest}", flush=True)
+      else:
+        params = None
+        if config.init_from:
+          params = setup.load_params(config, abstract["params"], shardings["params"])
+        state = ts.init_state(config, tx, shardings, init_fn, params)
+      workdir_io.write_config(config, workdir)   # only now: a failed resume leaves the workdir as it was
+      return _loop(config, workdir, mesh, model, tx, state, shardings, data, ckpt, stop, lock)
+  finally:
+    ckpt.close()                     # waits for in-flight async saves (also on NaN / errors)
+    lock.release()
+
+
+def hold_workdir(workdir):
+  """The workdir's TrainerLock, taken by process 0 for the run; every process stops if it is
+  held elsewhere."""
+  lock, refused = workdir_io.TrainerLock(workdir), None
+  if jax.process_index() == 0:
     try:
-      return _loop(config, workdir, mesh, model, tx, state, shardings, data, ckpt, stop)
-    finally:
-      ckpt.close()             # waits for in-flight async saves (also on NaN / errors)
+      lock.acquire()
+    except workdir_io.WorkdirLocked as e:
+      refused = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    if multihost_utils.broadcast_one_to_all(np.int32(refused is not None)) and refused is None:
+      raise workdir_io.WorkdirLocked(f"{workdir} is in use by another trainer (see process 0's log)")
+  if refused is not None:
+    raise refused
+  return lock
 
 
-def _loop(config, workdir, mesh, model, tx, state, shardings, data, ckpt, stop):
+def _loop(config, workdir, mesh, model, tx, state, shardings, data, ckpt, stop, lock):
   train_fn = ts.jit_train_step(ts.make_train_step(model, config, tx, mesh), shardings, mesh)
   eval_fn = ts.jit_eval_step(ts.make_eval_step(model, config), shardings, mesh)
   rows = config.global_batch // jax.process_count()
@@ -141,6 +163,8 @@ def _loop(config, workdir, mesh, model, tx, state, shardings, data, ckpt, stop):
     state, m = train_fn(state, global_batch(next(data.train_iter), mesh, rows))
     step += 1
     guard.push(step, m)
+    ckpt.check()                     # a failed background save stops the run now, not a save later
+    lock.renew()                     # gs:// workdirs: keep the lease (a no-op elsewhere)
     if not chrono.running:           # the first step compiled: time from here on
       jax.block_until_ready(m["loss"])
       chrono.restart(step)

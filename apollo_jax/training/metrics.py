@@ -32,6 +32,7 @@ import numpy as np
 from etils import epath
 
 from apollo_jax.model import config as model_config
+from apollo_jax.runtime import workdir as workdir_io
 
 # Dense bf16 peak FLOP/s per device; matched as lowercase substrings of `device.device_kind`,
 # first match wins (so "v5 lite" is tried before "v5").
@@ -96,8 +97,11 @@ def to_jsonable(value):
 class Logger:
   """metrics.jsonl + tqdm bar + wandb; everything but the bar's math is a no-op off process 0.
 
-  The workdir is any etils/epath path. Local files are appended to line by line; object stores
-  (gs://, no append) get the whole file rewritten at most every REMOTE_FLUSH_S and at close()."""
+  metrics.jsonl is only ever appended to (runtime/workdir.parse_metrics reads it): a resumed run
+  appends {"resume": start_step} (-1 when nothing was checkpointed) and its records then replace
+  the later ones; a torn last line from a crash is cut off first. The workdir is any etils/epath
+  path: object stores (gs://, no append) get the whole object replaced, which they do atomically,
+  at most every REMOTE_FLUSH_S and at close()."""
 
   REMOTE_FLUSH_S = 60.0
 
@@ -108,8 +112,7 @@ class Logger:
     self.lines, self.flushed_at = [], time.time()
     self.wandb = None
     if self.is_main:
-      self.lines = _lines_upto(self.path, start_step)     # a resumed run rewrites the steps it redoes
-      self._flush()
+      self._open(start_step)
       if config.wandb.enabled:
         self.wandb = _init_wandb(config, workdir)
     from tqdm import tqdm
@@ -141,6 +144,25 @@ class Logger:
     if self.is_main:
       self.bar.write(msg)
 
+  def _open(self, start_step):
+    if not self.path.exists():
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      self.path.write_text("")
+      return
+    text = self.path.read_text()
+    _, good = workdir_io.parse_metrics(text, str(self.path))   # raises on a bad line, names it
+    raw = text.encode()[:good].decode()
+    marker = json.dumps({"resume": start_step if start_step > 0 else -1}) + "\n"
+    if self.remote:
+      self.lines = [raw, marker]
+      self._flush()
+      return
+    if good < len(text.encode()):                   # cut the torn tail, never rewrite the rest
+      os.truncate(str(self.path), good)
+    if raw.strip():
+      with self.path.open("a") as f:
+        f.write(marker)
+
   def _flush(self):
     self.path.write_text("".join(self.lines))
     self.flushed_at = time.time()
@@ -152,14 +174,6 @@ class Logger:
     if self.wandb is not None:
       self.wandb.finish()
       self.wandb = None
-
-
-def _lines_upto(path, step: int) -> list:
-  """The lines of an existing metrics.jsonl up to `step` (a resumed run redoes the later ones)."""
-  if not path.exists():
-    return []
-  return [line if line.endswith("\n") else line + "\n" for line in path.read_text().splitlines(True)
-          if line.strip() and json.loads(line).get("step", 0) <= step]
 
 
 def _init_wandb(config, workdir: str):

@@ -31,6 +31,41 @@ from apollo_jax.hf.upcycle import upcycle
 SAMPLE_TOKENIZER = "data/sample/tokenizer.model"     # base_config's default: the demo's tokenizer
 
 
+# What a checkpoint's shapes and data depend on: resuming with any of these changed is refused.
+RESUME_FIELDS = ("model.vocab_size", "model.hidden_size", "model.intermediate_size", "model.num_layers",
+                 "model.num_heads", "model.num_kv_heads", "model.head_dim", "model.tie_embeddings",
+                 "moe.num_experts", "moe.shared_expert")
+
+
+def _tokenizer_bytes(path):
+  path = os.path.join(path, "tokenizer.json") if path and os.path.isdir(path) else path
+  return epath.Path(path).read_bytes() if path and epath.Path(path).is_file() else None
+
+
+def check_resume(workdir: str, config):
+  """Before a resume touches anything: one paragraph naming every setting that differs from the
+  run that wrote WORKDIR's checkpoints (model size, MoE layers and experts, tie, tokenizer)."""
+  if not (epath.Path(workdir) / workdir_io.CONFIG).exists():
+    return
+  saved = workdir_io.read_config(workdir)
+  get = lambda c, name: c[name.split(".")[0]][name.split(".")[1]]
+  diffs = [f"{k}: checkpoint {get(saved, k)!r}, this config {get(config, k)!r}"
+           for k in RESUME_FIELDS if get(saved, k) != get(config, k)]
+  layers = [cfg.moe_layer_indices(c.moe.layers, c.model.num_layers) for c in (saved, config)]
+  if layers[0] != layers[1]:
+    diffs.append(f"moe.layers: checkpoint {saved.moe.layers!r} (layers {list(layers[0])}), this config "
+                 f"{config.moe.layers!r} (layers {list(layers[1])})")
+  copy = next((epath.Path(workdir) / n for n in workdir_io.TOKENIZER_NAMES
+               if (epath.Path(workdir) / n).exists()), None)
+  if copy is not None and _tokenizer_bytes(config.data.tokenizer) not in (None, copy.read_bytes()):
+    diffs.append(f"data.tokenizer: {config.data.tokenizer} is not the tokenizer this run trained with "
+                 f"(its copy: {copy})")
+  if diffs:
+    raise ValueError(f"cannot resume {workdir}: its checkpoints were trained with other settings; "
+                     + "; ".join(diffs) + ". Resume with the checkpoint's settings (its config.json), or "
+                     "start a new workdir with --config.init_from pointing at converted params.")
+
+
 def init_kind(path: str) -> str:
   """'converted' (convert_from_hf output) or 'hf' (config.json + safetensors); a clear error otherwise."""
   return workdir_io.model_dir_kind(path, ("converted", "hf"), "--config.init_from")
