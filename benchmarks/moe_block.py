@@ -94,6 +94,7 @@ def main():
     c = cfg.base_config()
     c.moe.impl = impl
     c.model.hidden_size, c.model.intermediate_size, c.model.dtype = a.hidden, a.inter, a.dtype
+    c.model.num_heads = c.model.num_kv_heads = 1         # attention is not benchmarked here; any valid value
     c.moe.num_experts, c.moe.top_k, c.moe.group_size = a.experts, a.top_k, max(group, 1)
     c.moe.capacity_factor = cf
     block = MoEBlock(from_config(c))
