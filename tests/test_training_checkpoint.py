@@ -2,6 +2,7 @@
 another process count (the data position)."""
 
 import json
+import re
 import os
 
 import jax
@@ -157,3 +158,67 @@ def test_a_failed_background_save_stops_the_run_at_once(tmp_path, monkeypatch):
     ck.save(4, _small_state(), _Iter(4))                   # never starts another save on top
   monkeypatch.undo()
   ck.close()
+
+
+# ------------------------------------------------------------------------ integrity and fallback
+
+def _saved_steps(tmp_path, steps=(2, 4)):
+  ck = checkpoint.Checkpointer(str(tmp_path), _config())
+  for s in steps:
+    ck.save(s, _small_state(float(s)), _Iter(s))
+    ck.wait()
+  ck.close()
+  return tmp_path / "checkpoints"
+
+
+def _restore_latest(tmp_path):
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  rep = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",)), P())
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _small_state())
+  ck = checkpoint.Checkpointer(str(tmp_path), _config())
+  try:
+    step, state = ck.restore_latest(abstract, jax.tree.map(lambda _: rep, abstract))
+    return step, float(state["w"][0])
+  finally:
+    ck.close()
+
+
+def _biggest_file(step_dir):
+  return max((p for p in step_dir.rglob("*") if p.is_file() and p.name != checkpoint.INTEGRITY),
+             key=lambda p: p.stat().st_size)
+
+
+def _flip(path):
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  path.write_bytes(bytes(data))
+
+
+DAMAGE = {   # name: (what is done to step 4, what the log says)
+    "flipped_bit": (lambda d: _flip(_biggest_file(d)), "right size but other bytes"),
+    "truncated": (lambda d: _biggest_file(d).write_bytes(_biggest_file(d).read_bytes()[:-7]), "bytes, .* were written"),
+    "deleted_file": (lambda d: _biggest_file(d).unlink(), "file\\(s\\) missing"),
+    "unsealed_and_unreadable": (lambda d: [_biggest_file(d).write_bytes(b"garbage"),
+                                           (d / checkpoint.INTEGRITY).unlink()], "Orbax cannot read it"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_a_damaged_latest_step_falls_back_to_the_previous_one(case, tmp_path, caplog):
+  ckpts = _saved_steps(tmp_path)
+  assert (ckpts / "4" / checkpoint.INTEGRITY).exists()        # sealed after the commit
+  harm, said = DAMAGE[case]
+  harm(ckpts / "4")
+  with caplog.at_level("WARNING"):
+    assert _restore_latest(tmp_path) == (2, 2.0)               # never the damaged state
+  assert re.search(f"checkpoint step 4 in .* is damaged: .*{said}.*Moved it to .*damaged_checkpoints", caplog.text)
+  assert not (ckpts / "4").exists() and len(os.listdir(tmp_path / "damaged_checkpoints")) == 1   # kept
+
+
+def test_an_intact_checkpoint_restores_and_none_intact_is_an_error(tmp_path):
+  ckpts = _saved_steps(tmp_path)
+  assert _restore_latest(tmp_path) == (4, 4.0)
+  for s in ("2", "4"):
+    _flip(_biggest_file(ckpts / s))
+  with pytest.raises(checkpoint.CheckpointError, match=r"no intact checkpoint in .*steps \[4, 2\] are all damaged"):
+    _restore_latest(tmp_path)

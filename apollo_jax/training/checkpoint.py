@@ -11,6 +11,14 @@ process and stored as JSON by process 0 under data/: {"process_count": n, "globa
 "states": [...]}. When every process saved the same position (the grain iterator's state is the
 step), a run with another number of processes resumes from it; otherwise it must keep the count.
 
+Integrity: once a step has committed, process 0 writes checkpoints/<step>/apollo_integrity.json
+(size and sha256 of every file of the step) from a background thread, so training never waits
+for it. `restore_latest` verifies the newest step against it; a damaged step (a file missing,
+truncated or with flipped bytes, or one Orbax cannot read) is reported in one paragraph, moved
+to WORKDIR/damaged_checkpoints/ (kept, never deleted) and the next older step is tried. Steps
+without the file (written before it existed, or cut off between commit and seal) are restored
+unverified, with a warning.
+
 Restores go straight onto the target shardings (any mesh). A checkpoint whose experts were padded
 for another expert axis (e.g. 7 real experts padded to 8 for mesh.expert=2, resumed with
 mesh.expert=1 and no padding, or 7 -> 8) is read at its saved size and re-padded on device
@@ -19,8 +27,12 @@ mesh.expert=1 and no padding, or 7 -> 8) is read at its saved size and re-padded
 """
 
 import base64
+import hashlib
 import json
+import logging
 import os
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -35,16 +47,79 @@ def workdir_path(workdir: str) -> epath.Path:
   return epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
 
 
+class DamagedCheckpoint(Exception):
+  """A checkpoint step whose files cannot be restored (restore_latest falls back past it)."""
+
+
 class CheckpointError(OSError):
   """A save that did not happen or failed: the run stops at once, the last good step is named
   (an OSError: cli.run prints it as one ERROR paragraph)."""
+
+
+INTEGRITY = "apollo_integrity.json"
+
+
+def _digest(path) -> list:
+  h, size = hashlib.sha256(), 0
+  with path.open("rb") as f:
+    for chunk in iter(lambda: f.read(1 << 24), b""):
+      h.update(chunk)
+      size += len(chunk)
+  return [size, h.hexdigest()]
+
+
+def _files(step_dir, prefix="") -> list:
+  """Relative paths of every file under step_dir but the integrity record (epath has no
+  recursive glob on object stores, so this walks the directories)."""
+  out = []
+  for p in step_dir.iterdir():
+    if p.is_dir():
+      out += _files(p, f"{prefix}{p.name}/")
+    elif p.name not in (INTEGRITY, INTEGRITY + ".tmp"):
+      out.append(prefix + p.name)
+  return sorted(out)
+
+
+def seal(step_dir):
+  """Writes step_dir/apollo_integrity.json: {relative file: [size, sha256]} (atomic rename)."""
+  step_dir = epath.Path(step_dir)
+  manifest = {name: _digest(step_dir / name) for name in _files(step_dir)}
+  tmp = step_dir / (INTEGRITY + ".tmp")
+  tmp.write_text(json.dumps(manifest, indent=0))
+  tmp.rename(step_dir / INTEGRITY)
+
+
+def damage(step_dir):
+  """None if the step's files match its integrity record (or it has none: "unverified" is logged),
+  else what is wrong, in words."""
+  step_dir = epath.Path(step_dir)
+  if not (step_dir / INTEGRITY).exists():
+    logging.warning("%s has no %s (saved before integrity records, or cut off before its seal): "
+                    "restoring it unverified", step_dir, INTEGRITY)
+    return None
+  try:
+    want = json.loads((step_dir / INTEGRITY).read_text())
+  except json.JSONDecodeError:
+    return f"its {INTEGRITY} is not JSON"
+  missing = sorted(set(want) - set(_files(step_dir)))
+  if missing:
+    return f"{len(missing)} file(s) missing, e.g. {missing[0]}"
+  for name, (size, sha) in want.items():
+    got = _digest(step_dir / name)
+    if got[0] != size:
+      return f"{name} has {got[0]} bytes, {size} were written"
+    if got[1] != sha:
+      return f"{name} has the right size but other bytes (sha256 differs: flipped bits?)"
+  return None
 
 
 class Checkpointer:
 
   def __init__(self, workdir: str, config):
     self.directory = str(workdir_path(workdir) / "checkpoints")
+    self.damaged_dir = str(workdir_path(workdir) / "damaged_checkpoints")
     self.global_batch = config.global_batch
+    self.unsealed, self.sealer = [], None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.ckpt.keep, enable_async_checkpointing=config.ckpt.async_save,
         create=True, cleanup_tmp_directories=True)
@@ -61,6 +136,7 @@ class Checkpointer:
     """Starts an async save of `state` and the iterator position. A step that already exists
     (another trainer wrote it) or a save Orbax declines is a CheckpointError, never a skip."""
     self.check()
+    self._join_sealer()
     if step in self.manager.all_steps() or (epath.Path(self.directory) / str(step)).exists():  # on disk now
       self.manager.reload()          # (this run stops: its own step list may be stale)
       raise CheckpointError(
@@ -73,10 +149,59 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True):
       raise CheckpointError(f"Orbax declined to save step {step} in {self.directory}; last complete "
                             f"step {self.latest_step()}.")
+    if jax.process_index() == 0:
+      self.unsealed.append(step)
+
+  def _seal_committed(self):
+    """Seals the committed steps in a background thread (one at a time)."""
+    if not self.unsealed or self.manager.is_saving_in_progress() or (self.sealer and self.sealer.is_alive()):
+      return
+    steps, self.unsealed = self.unsealed, []
+    dirs = [epath.Path(self.directory) / str(s) for s in steps]
+    self.sealer = threading.Thread(target=lambda: [seal(d) for d in dirs if d.exists()], daemon=True)
+    self.sealer.start()
+
+  def _join_sealer(self):
+    if self.sealer is not None:
+      self.sealer.join()
+      self.sealer = None
+
+  def restore_latest(self, abstract_state, shardings, data_iter=None):
+    """(step, state) of the newest intact checkpoint (see the module doc); damaged newer ones are
+    reported, moved to damaged_checkpoints/ and skipped. CheckpointError if none is intact."""
+    steps = sorted(self.all_steps(), reverse=True)
+    for step in steps:
+      problem = damage(epath.Path(self.directory) / str(step)) if jax.process_index() == 0 else None
+      if jax.process_count() > 1:          # process 0 read the files; all follow its verdict
+        from jax.experimental import multihost_utils
+        bad = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
+        problem = problem or ("damaged (see process 0's log)" if bad else None)
+      if problem is None:
+        try:
+          return step, self.restore(step, abstract_state, shardings, data_iter)
+        except DamagedCheckpoint as e:
+          problem = str(e)
+      self._set_aside(step, problem)
+    raise CheckpointError(f"no intact checkpoint in {self.directory}: steps {steps} are all damaged "
+                          f"(moved to {self.damaged_dir}). Start a new workdir, or restore one of "
+                          "them by hand from there.")
+
+  def _set_aside(self, step, problem):
+    dst = epath.Path(self.damaged_dir) / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    logging.warning("checkpoint step %d in %s is damaged: %s. Moved it to %s (nothing is deleted) "
+                    "and trying the previous step.", step, self.directory, problem, dst)
+    if jax.process_index() == 0:
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      (epath.Path(self.directory) / str(step)).rename(dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("apollo_jax checkpoint set aside")
+    self.manager.reload()
 
   def check(self):
     """Raises a CheckpointError now if a background save failed (a full disk...); cheap when all
-    is well, so the loop calls it every step."""
+    is well, so the loop calls it every step. Also starts sealing the steps that committed."""
+    self._seal_committed()
     try:
       self.manager.check_for_errors()
     except Exception as e:  # noqa: BLE001 (whatever the writer raised, said in one paragraph)
@@ -87,10 +212,13 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state, shardings, data_iter=None):
     """State restored onto `shardings` (any mesh); sets `data_iter` to the saved position."""
-    saved = saved_num_experts(epath.Path(self.directory) / str(step) / "state")
-    target = restore_target(abstract_state, shardings, saved)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    try:
+      saved = saved_num_experts(epath.Path(self.directory) / str(step) / "state")
+      target = restore_target(abstract_state, shardings, saved)
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 (whatever Orbax/tensorstore raise on unreadable files)
+      raise DamagedCheckpoint(f"Orbax cannot read it ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
     if data_iter is not None:
       data_iter.set_state(_decode(self._position(step, restored["data"])))
     return repad_on_device(restored["state"], abstract_state, shardings)
@@ -121,6 +249,9 @@ class Checkpointer:
 
   def close(self):
     self.manager.wait_until_finished()
+    self._join_sealer()
+    self._seal_committed()
+    self._join_sealer()
     self.manager.close()
 
 

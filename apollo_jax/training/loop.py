@@ -95,7 +95,7 @@ def train(config, workdir: str) -> dict:
       tx = optimizer.make_optimizer(config)
       abstract, shardings, init_fn = ts.state_shardings(model, config, tx, mesh)
       if latest is not None:
-        state = ckpt.restore(latest, abstract, shardings, data.train_iter)
+        latest, state = ckpt.restore_latest(abstract, shardings, data.train_iter)   # newest intact one
         print(f"resumed from {ckpt.directory}/{latest}", flush=True)
       else:
         params = None
