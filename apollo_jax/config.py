@@ -298,7 +298,7 @@ RANGES = {
     "data.build_workers": "[0, inf)",
     "global_batch": "[1, inf)", "grad_accum": "[1, inf)", "steps": "[1, inf)", "eval_every": "[0, inf)",
     "log_every": "[1, inf)", "loss_chunk": "[0, inf)",
-    "optim.lr": "(0, inf)", "optim.warmup_ratio": "[0, 1)", "optim.horizon": "[1, inf)",
+    "optim.lr": "[0, inf)", "optim.warmup_ratio": "[0, 1)", "optim.horizon": "[1, inf)",
     "optim.weight_decay": "[0, inf)", "optim.b1": "[0, 1)", "optim.b2": "[0, 1)", "optim.eps": "(0, inf)",
     "optim.clip": "(0, inf)", "ckpt.every": "[1, inf)", "ckpt.keep": "[1, inf)", "bench_eval.every": "[0, inf)",
 }

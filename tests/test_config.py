@@ -57,7 +57,7 @@ def test_unknown_config_argument():
     ("grad_accum", 3, "divisible by grad_accum"),
     ("model.dtype", "fp8", "model.dtype"),
     # numbers accepted before and wrong or fatal later (config.RANGES)
-    ("optim.lr", -1e-4, r"optim.lr=-0.0001 is out of range: it must be in \(0, inf\)"),
+    ("optim.lr", -1e-4, r"optim.lr=-0.0001 is out of range: it must be in \[0, inf\)"),
     ("optim.lr", float("nan"), r"optim.lr=nan must be a finite number"),
     ("optim.clip", -1.0, r"optim.clip=-1.0 is out of range"),
     ("ckpt.keep", 0, r"ckpt.keep=0 is out of range: it must be in \[1, inf\)"),

@@ -323,3 +323,18 @@ def test_no_valid_records_is_a_clear_error(env, tmp_path):
     token_cache.open_corpus(path, str(tmp_path / "cache"), env.tokenizer, skip_bad=True)
   assert not [d for d in os.listdir(tmp_path / "cache" / "tfds" / "apollo_moe_tokens")
               if not d.endswith(".lock")]                                           # no leftovers
+
+
+@pytest.mark.parametrize("victim", ["index.npz", "shard"])
+def test_a_damaged_token_cache_is_rebuilt(env, tmp_path, caplog, victim):
+  first = token_cache.open_corpus(env.ext, str(tmp_path), env.tokenizer)
+  names = os.listdir(first.directory)
+  name = victim if victim in names else next(n for n in names if ".array_record-" in n)
+  path = os.path.join(first.directory, name)
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+  with caplog.at_level(logging.WARNING):
+    again = token_cache.open_corpus(env.ext, str(tmp_path), env.tokenizer)
+  assert "is damaged" in caplog.text and "rebuilding it" in caplog.text
+  assert again.meta["build_pid"] == os.getpid()
+  _same_corpus(again, token_cache.open_corpus(env.ext, str(tmp_path / "fresh"), env.tokenizer))

@@ -1,6 +1,8 @@
 """Chat template and label masking (docs/original.md, Chat format and labels), tokenizers
 (sentencepiece and HF tokenizer.json)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -91,3 +93,12 @@ def test_tokenizers_pickle(tmp_path):
   for tok in (sp, hf):
     clone = pickle.loads(pickle.dumps(tok))
     assert clone.encode("User:hi?") == tok.encode("User:hi?") and clone.eos_id == tok.eos_id
+
+
+@pytest.mark.parametrize("name,contents", [("cut.model", None), ("cut.json", b'{"model": ')])
+def test_a_truncated_tokenizer_file_is_a_clear_error(tmp_path, name, contents):
+  src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data/sample/tokenizer.model")
+  path = tmp_path / name
+  path.write_bytes(contents if contents is not None else open(src, "rb").read()[:100])
+  with pytest.raises(ValueError, match=f"tokenizer '{path}' cannot be read .*truncated or not a tokenizer file"):
+    tokenizer.load_tokenizer(str(path))

@@ -182,6 +182,7 @@ CALL_ERRORS = {   # name: (call(lm), message)
                           "model's limit of 20"),
     "too_long_logits": (lambda lm: _limited(lm).logits(np.zeros((1, 21), np.int32)), "input is 21 tokens"),
     "chat_roles": (lambda lm: _chat(lm, [{"role": "system", "content": "x"}]), "must alternate user/assistant"),
+    "chat_content": (lambda lm: _chat(lm, [{"role": "user"}]), "chat message 0 has no string 'content'"),
 }
 
 

@@ -201,6 +201,20 @@ def _mirror(cache_dir, key, local, is_builder, build_fn, wait_s=None):
   os.replace(tmp, local)
 
 
+def _unreadable(directory, tokenizer):
+  """None if the built cache opens and its first and last records decode, else what failed."""
+  try:
+    c = corpus.Corpus(directory, tokenizer)
+    if len(c) != c.meta["num_records"]:
+      return f"{len(c)} records indexed, {c.meta['num_records']} built"
+    c.samples([0, len(c) - 1])
+    if len(c.source) != len(c):
+      return f"{len(c.source)} records stored, {len(c)} indexed"
+  except Exception as e:  # noqa: BLE001 (numpy, json, array_record, protobuf: any of them)
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+  return None
+
+
 def local_root(cache_dir) -> str:
   if not is_remote(cache_dir):
     return str(cache_dir).removeprefix("file://")
@@ -216,6 +230,11 @@ def open_corpus(files, cache_dir, tokenizer, skip_bad=False, workers=0, process_
   local = tfds_builders.dataset_dir(root, tfds_builders.ApolloMoeTokens, key)
   build_fn = lambda: build(paths, tokenizer, skip_bad, workers, root, key)
   with tfds_builders.locked(os.path.dirname(local) + ".lock"):
+    if tfds_builders.is_complete(local):
+      problem = _unreadable(local, tokenizer)
+      if problem:                      # derived data: rebuild it rather than fail or train on it
+        logging.warning("the token cache %s is damaged (%s): rebuilding it", local, problem)
+        shutil.rmtree(local)
     if not tfds_builders.is_complete(local):
       if not is_remote(cache_dir):
         build_fn()

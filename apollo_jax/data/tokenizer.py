@@ -109,10 +109,17 @@ def load_tokenizer(path: str, eos_token: str = ""):
   if not os.path.exists(path):
     raise FileNotFoundError(f"tokenizer {path!r} not found; set data.tokenizer to a sentencepiece .model "
                             "or an HF tokenizer.json (train one: python -m apollo_jax.data.train_tokenizer)")
-  if path.endswith(".model"):
-    return SentencePieceTokenizer(path)
-  if path.endswith(".json"):
-    return HFTokenizer(path, eos_token)
+  kinds = {".model": lambda: SentencePieceTokenizer(path), ".json": lambda: HFTokenizer(path, eos_token)}
+  for ext, make in kinds.items():
+    if path.endswith(ext):
+      try:
+        return make()
+      except ValueError:
+        raise                                              # our own checks (EOS...), already clear
+      except Exception as e:  # noqa: BLE001 (sentencepiece: RuntimeError, tokenizers: Exception)
+        raise ValueError(f"tokenizer {path!r} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}): "
+                         "truncated or not a tokenizer file? Copy it again or point data.tokenizer at "
+                         "another one") from e
   raise ValueError(f"tokenizer {path!r}: unknown kind; expected a sentencepiece '.model' file or an HF "
                    "'tokenizer.json'")
 

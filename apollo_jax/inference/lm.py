@@ -237,6 +237,10 @@ class LM:
     if not messages or roles != want or roles[-1] != "user":
       raise ValueError(f"chat messages must alternate user/assistant, start and end with 'user' "
                        f"(the training format has no system prompt); got roles {roles}")
+    bad = [i for i, m in enumerate(messages) if not isinstance(m.get("content"), str)]
+    if bad:
+      raise ValueError(f"chat message {bad[0]} has no string 'content' (got {messages[bad[0]]!r}); each "
+                       "message is {'role': 'user'|'assistant', 'content': str}")
     ids, _ = chat_lib.ChatEncoder(self._tok())([m["content"] for m in messages])
     return ids[:-1].tolist() + chat_lib.ChatEncoder(self._tok())._assistant
 
