@@ -156,3 +156,28 @@ def test_a_second_trainer_on_a_workdir_stops_at_once(tmp_path):
     loop.train(tf.tiny_config(), str(tmp_path))
   assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
   held.release()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """An 8 MB tmpfs: room for one checkpoint of the test model (~5.5 MB), not two. Skipped where
+  the machine does not allow mounting one."""
+  mnt = tmp_path / "small"
+  mnt.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True).returncode:
+    pytest.skip("cannot mount a tmpfs here (needs root)")
+  yield mnt
+  subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_at_the_failed_save(data, jit_cache, small_disk):
+  workdir = str(small_disk / "run")
+  out = tf.run(workdir, tf.flags(data, STEPS, ckpt__every=5, eval_every=0), 1, jit_cache)
+  assert out.returncode == 1, out.stderr[-3000:]
+  err = next(line for line in out.stderr.splitlines() if line.startswith("ERROR: "))
+  assert re.search(r"ERROR: writing a checkpoint in .* failed: .*(No space left|ENOSPC|space).*"
+                   r"last complete checkpoint is step 5", err), err
+  steps = [r["step"] for r in tf.read_metrics(workdir)]
+  assert steps and steps[-1] < 15                 # stopped when the step-10 write failed, not at the next save
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "5"))

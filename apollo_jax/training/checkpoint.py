@@ -119,7 +119,7 @@ class Checkpointer:
     self.directory = str(workdir_path(workdir) / "checkpoints")
     self.damaged_dir = str(workdir_path(workdir) / "damaged_checkpoints")
     self.global_batch = config.global_batch
-    self.unsealed, self.sealer = [], None
+    self.unsealed, self.sealer, self.inflight = [], None, None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.ckpt.keep, enable_async_checkpointing=config.ckpt.async_save,
         create=True, cleanup_tmp_directories=True)
@@ -145,10 +145,15 @@ class Checkpointer:
           f"step {self.latest_step()}.")
     data = {"process_count": jax.process_count(), "global_batch": self.global_batch,
             "states": gather_iterator_states(data_iter)}
-    if not self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True):
+    try:
+      started = self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True)
+    except Exception as e:  # noqa: BLE001 (the synchronous part of the write failed: same message)
+      raise self._failed(e) from e
+    if not started:
       raise CheckpointError(f"Orbax declined to save step {step} in {self.directory}; last complete "
                             f"step {self.latest_step()}.")
+    self.inflight = step
     if jax.process_index() == 0:
       self.unsealed.append(step)
 
@@ -201,14 +206,24 @@ class Checkpointer:
   def check(self):
     """Raises a CheckpointError now if a background save failed (a full disk...); cheap when all
     is well, so the loop calls it every step. Also starts sealing the steps that committed."""
-    self._seal_committed()
     try:
       self.manager.check_for_errors()
+      if self.inflight is not None and not self.manager.is_saving_in_progress():
+        step, self.inflight = self.inflight, None
+        self.manager.wait_until_finished()       # finished: returns at once, or raises its error
+        if not (epath.Path(self.directory) / str(step)).exists():   # (Orbax may only log it)
+          raise RuntimeError(f"step {step} was not committed; the writer's error is logged above")
     except Exception as e:  # noqa: BLE001 (whatever the writer raised, said in one paragraph)
-      raise CheckpointError(
-          f"writing a checkpoint in {self.directory} failed: {type(e).__name__}: {e}. The last "
-          f"complete checkpoint is step {self.latest_step()}; fix the cause (e.g. free disk space) "
-          "and rerun the same command to resume from it.") from e
+      raise self._failed(e) from e
+    self._seal_committed()
+
+  def _failed(self, e) -> "CheckpointError":
+    self.manager.reload()
+    return CheckpointError(
+        f"writing a checkpoint in {self.directory} failed: {type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}. The last complete checkpoint is step "
+        f"{self.latest_step()}; fix the cause (e.g. free disk space) and rerun the same command to "
+        "resume from it.")
 
   def restore(self, step: int, abstract_state, shardings, data_iter=None):
     """State restored onto `shardings` (any mesh); sets `data_iter` to the saved position."""
