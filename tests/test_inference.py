@@ -177,6 +177,7 @@ CALL_ERRORS = {   # name: (call(lm), message)
     "empty_prompt": (lambda lm: lm.score([[]], [[1]]), "prompts\\[0\\] is empty"),
     "count_mismatch": (lambda lm: lm.score([[1], [2]], [[3]]), "2 prompts but 1 continuations"),
     "no_new_tokens": (lambda lm: lm.generate([[1, 2]], max_new_tokens=0), "max_new_tokens=0"),
+    "negative_temperature": (lambda lm: lm.generate([[1, 2]], temperature=-1.0), "temperature=-1.0 must be >= 0"),
     "too_long_generate": (lambda lm: _limited(lm).generate([list(range(15))], max_new_tokens=10),
                           r"prompts\[0\] \(15 tokens\) \+ max_new_tokens is 25 tokens, longer than the "
                           "model's limit of 20"),

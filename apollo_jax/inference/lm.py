@@ -202,6 +202,8 @@ class LM:
       self._check_len(len(p) + max_new_tokens, f"prompts[{i}] ({len(p)} tokens) + max_new_tokens")
     if not 0 < top_p <= 1:
       raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if not temperature >= 0:
+      raise ValueError(f"temperature={temperature} must be >= 0 (0: greedy)")
     lang = self._language_id(language)
     out = [None] * len(ids)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
