@@ -16,7 +16,7 @@ PACKING_MODES = ("segment", "causal")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
-ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn", "splash", "pallas_gpu")
 MOE_IMPLS = ("dropless", "capacity")
 
 
@@ -39,9 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"                # compute dtype ("bfloat16" on TPU/GPU); params stay float32
   m.remat = "none"                   # none | full | dots (save matmul outputs) per decoder layer
   m.scan_layers = True               # scan each run of consecutive dense layers (fast compiles)
-  # Attention kernel (model/attention.py): auto | xla | blocked | cudnn. auto = blocked
-  # (skips fully masked causal tiles) on CPU, xla elsewhere; cudnn = GPU flash attention, only
-  # with data.packing="causal" (it takes no segment ids; a clear error otherwise).
+  # Attention kernel (model/attention.py): auto | xla | blocked | cudnn | splash | pallas_gpu.
+  # auto = splash (Pallas TPU flash attention) on TPU, blocked (skips fully masked causal tiles)
+  # on CPU and GPU; pallas_gpu = Pallas GPU flash attention (opt-in); cudnn = GPU flash attention,
+  # only with data.packing="causal" (it takes no segment ids; a clear error otherwise).
   m.attention = "auto"
   # Inference and HF export: the longest prompt + generation accepted (HF config field).
   m.max_position_embeddings = 32768
@@ -346,6 +347,10 @@ def validate(config, num_devices: int | None = None):
   need(m.attention != "cudnn" or config.data.packing == "causal",
        "model.attention='cudnn' takes no segment ids, so it cannot keep packed samples apart; use "
        "data.packing='causal' (the original's packing) or model.attention='auto'/'blocked'/'xla'")
+  need(m.attention not in ("splash", "pallas_gpu") or config.data.seq_len % 128 == 0,  # attention.TILE
+       f"model.attention={m.attention!r} computes blocks of 128 tokens, so data.seq_len="
+       f"{config.data.seq_len} would always fall back to the full [S, S] xla attention; set "
+       "data.seq_len to a multiple of 128, or model.attention='xla'")
   need(e.expert_map in languages.EXPERT_MAPS,
        f"moe.expert_map={e.expert_map!r}; choose one of {languages.EXPERT_MAPS}")
   if moe_idx:

@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from apollo_jax import config as cfg  # noqa: E402
-from apollo_jax.model import attention, dropless, layers  # noqa: E402
+from apollo_jax.model import dropless, layers  # noqa: E402
 from apollo_jax.model.config import from_config  # noqa: E402
 from apollo_jax.model.moe import MoEBlock  # noqa: E402
 import moe_block  # noqa: E402
@@ -133,7 +133,7 @@ def worker(a):
       holder["state"] = jax_run(holder["state"])
     runs = {"apollo_jax": jax_step}
     info = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
-            "attention": attention.resolve(config.model.attention),
+            "attention": from_config(config).attention,
             "kernel": dropless.default_kernel()}
   else:
     runs = moe_vs_ffn(a)

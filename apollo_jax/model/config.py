@@ -7,6 +7,9 @@ global state. What the run's settings decide is resolved here, in one place:
 
   head_dim         model.head_dim, or hidden_size // num_heads when 0
   attention        the kernel of model.attention for data.packing on this backend
+  attention_interpret  whether that kernel is a Pallas kernel off its native backend (then it
+                   runs in interpret mode); from_config(config, backend="tpu") on a CPU machine
+                   gives the real TPU kernel, to lower for TPU
   moe.layers       the MoE decoder-layer indices parsed from moe.layers
   moe.padded_experts  num_experts rounded up to the expert padding (moe.expert_multiple, or the
                    mesh's expert axis): the parameter shapes, so fixed when the model is built
@@ -64,7 +67,8 @@ class ModelConfig:
   dtype: str                         # compute dtype; params are float32
   remat: str                         # none | full | dots
   scan_layers: bool
-  attention: str                     # resolved kernel: xla | blocked | cudnn
+  attention: str                     # resolved kernel: xla | blocked | cudnn | splash | pallas_gpu
+  attention_interpret: bool          # Pallas interpret mode (the kernel is not native on the backend)
   moe: MoEConfig
 
 
@@ -84,10 +88,11 @@ def from_config(config, mesh=None, backend: str | None = None) -> ModelConfig:
       group_size=e.group_size, analysis=e.analysis,
       mesh=None if abstract is None or abstract.empty or abstract.size == 1 else abstract,
       batch_axes=tuple(sharding.BATCH_AXES))
+  kernel = attention.resolve(m.attention, backend)
   return ModelConfig(
       vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
       num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
       head_dim=m.head_dim if m.head_dim > 0 else m.hidden_size // m.num_heads,
       rope_theta=m.rope_theta, rms_norm_eps=m.rms_norm_eps, tie_embeddings=m.tie_embeddings,
       init_std=m.init_std, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers,
-      attention=attention.resolve(m.attention, backend), moe=moe)
+      attention=kernel, attention_interpret=attention.interprets(kernel, backend), moe=moe)

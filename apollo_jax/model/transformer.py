@@ -51,7 +51,8 @@ class DecoderLayer(nn.Module):
     dtype = layers.dtype_of(m.dtype)
     h = layers.RMSNorm(m.rms_norm_eps, name="input_layernorm")(x)
     x = x + layers.Attention(m.num_heads, m.num_kv_heads, m.head_dim, m.rope_theta, m.init_std,
-                             dtype, m.attention, name="self_attn")(h, segment_ids, positions, self.cache_len)
+                             dtype, m.attention, m.attention_interpret,
+                             name="self_attn")(h, segment_ids, positions, self.cache_len)
     h = layers.RMSNorm(m.rms_norm_eps, name="post_attention_layernorm")(x)
     if self.moe:
       y, stats = MoEBlock(self.config, name="mlp")(h, segment_ids, family, self.train)
