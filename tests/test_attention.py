@@ -82,6 +82,8 @@ def test_resolve_per_backend_and_packing():
   assert not attention.interprets("splash", "tpu") and attention.interprets("splash", "cpu")
   assert not attention.interprets("pallas_gpu", "gpu") and attention.interprets("pallas_gpu", "tpu")
   assert not attention.interprets("blocked", "cpu") and not attention.interprets("cudnn", "gpu")
+  assert attention.remats("blocked", "gpu") and attention.remats("blocked", "tpu")
+  assert not attention.remats("blocked", "cpu") and not attention.remats("splash", "tpu")
   c = cfg.load("tiny")
   c.model.attention = "cudnn"
   with pytest.raises(ValueError, match="no segment ids.*data.packing='causal'"):
@@ -131,17 +133,30 @@ def tiled_case():
   return (q, k, v, dout), np_attention_vjp(q, k, v, TSEG, dout)
 
 
-@pytest.mark.parametrize("impl", ["xla", "blocked", "splash", "pallas_gpu"])
-def test_kernel_equals_reference_forward_and_backward(tiled_case, impl):
+@pytest.mark.parametrize("impl,remat", [("xla", False), ("blocked", False), ("blocked", True),
+                                        ("splash", False), ("pallas_gpu", False)])
+def test_kernel_equals_reference_forward_and_backward(tiled_case, impl, remat):
   """Each kernel (the Pallas ones in interpret mode) = the float64 reference: out, dq, dk, dv."""
   (q, k, v, dout), want = tiled_case
   seg = jnp.asarray(TSEG)
-  f = lambda q, k, v: attention.attend(q, k, v, seg, impl, interpret=True)
+  f = lambda q, k, v: attention.attend(q, k, v, seg, impl, interpret=True, remat=remat)
   got = jax.jit(lambda q, k, v: (f(q, k, v), *jax.vjp(f, q, k, v)[1](dout)))(q, k, v)
   terms = TD + 2 * TT          # f32 scores over D, softmax sum and weighted sum over <= T keys
   for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
     assert_close(g, w, dtype=np.float32, terms=terms if name == "out" else 2 * terms,
                  err_msg=f"{impl} {name}")
+
+
+def test_blocked_remat_keeps_backward_residuals_linear_in_length(tiled_case):
+  """Saved, blocked's backward holds each tile's probabilities (> T*S/2 floats per head); with
+  remat only q, k, v and the segment ids (its gradients: test_kernel_equals_reference_...)."""
+  (q, k, v, _), _ = tiled_case
+  seg = jnp.asarray(TSEG)
+  nbytes = {remat: sum(x.nbytes for x in jax.tree.leaves(
+                jax.vjp(lambda *a: attention.attend(*a, seg, "blocked", remat=remat), q, k, v)[1]))
+            for remat in (False, True)}
+  assert nbytes[True] <= q.nbytes + k.nbytes + v.nbytes + seg.nbytes
+  assert nbytes[False] > TB * KV * R * TT * TT // 2 * 4
 
 
 def test_pallas_gpu_repeats_kv_heads_in_group_order(tiled_case):

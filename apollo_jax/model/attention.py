@@ -9,7 +9,9 @@ segment (segment 0 = padding: it only sees padding). Per kernel:
   xla         full [T, S] scores per head, masked. Any packing (segment ids), any T/S.
   blocked     query tiles of TILE rows; tile i only sees the keys of tiles 0..i, so the fully
               masked causal tiles (~half the scores at T >> TILE) are never computed. Exact (each
-              query row still softmaxes over all its visible keys at once). Any packing.
+              query row still softmaxes over all its visible keys at once). Any packing. Off
+              CPU each tile recomputes its scores in the backward (`remats`), so the backward
+              holds O(TILE x S) scores per head instead of ~S^2/2.
   splash      Pallas TPU splash attention (flash: [block, block] scores at a time, fused backward),
               segment ids + causal mask, kv heads shared by their R query heads, vmapped over rows.
               Any packing. Native on TPU, Pallas interpret mode elsewhere (tests only: slow).
@@ -20,14 +22,16 @@ segment (segment 0 = padding: it only sees padding). Per kernel:
               data.packing="causal" (one causal stream per row, padding at the tail; padding
               queries then see real keys, which changes only padding outputs, never trained on)
               and NOT data.packing="segment": config.validate refuses that instead of ignoring the segments.
-  auto        splash on TPU, blocked on CPU and GPU (blocked measured faster than xla on CPU:
-              benchmarks/vs_torch.py). Only the CPU figures (blocked, xla) and the interpret-mode
-              numerics of splash and pallas_gpu are measured here; on TPU and GPU, splash,
-              pallas_gpu and cudnn are unmeasured (no such device in this project's CI), so
-              pallas_gpu and cudnn are opt-in.
+  auto        splash on TPU, blocked on CPU and GPU: never xla's full [S, S] by default.
+
+Measured here (CPU): blocked and xla (blocked faster: benchmarks/vs_torch.py), and the numerics
+of splash and pallas_gpu in interpret mode (tests/test_attention.py). Unmeasured (no TPU or GPU in
+this project's CI): the speed of everything on TPU and GPU, so pallas_gpu and cudnn are opt-in.
 
 blocked, splash and pallas_gpu need T == S, a multiple of TILE (`tiled`); other shapes take xla.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +57,13 @@ def interprets(kernel: str, backend: str | None = None) -> bool:
   return kernel in NATIVE and (backend or jax.default_backend()) not in NATIVE[kernel]
 
 
+def remats(kernel: str, backend: str | None = None) -> bool:
+  """Whether blocked recomputes each tile's scores in the backward (flash attention's memory:
+  O(TILE x S) per head instead of ~S^2/2): off CPU. On CPU it costs ~10% of the attention's
+  fwd+bwd time and XLA's CPU schedule keeps the peak memory the same anyway."""
+  return kernel == "blocked" and (backend or jax.default_backend()) != "cpu"
+
+
 def tiled(T: int, S: int) -> bool:
   """Whether the tiled kernels (blocked, splash, pallas_gpu) take queries T over keys S, else xla."""
   return T == S and T % TILE == 0
@@ -66,16 +77,17 @@ def attention_mask(segment_ids):
   return (causal[None] & same)[:, None, None]
 
 
-def attend(q, k, v, segment_ids, impl: str = "xla", interpret: bool = False):
+def attend(q, k, v, segment_ids, impl: str = "xla", interpret: bool = False, remat: bool = False):
   """Grouped-query attention output [B, T, Kv, R, D] in q's dtype (see the module docstring);
-  `interpret` (ModelConfig.attention_interpret) runs a Pallas kernel in interpret mode."""
+  `interpret` (ModelConfig.attention_interpret) runs a Pallas kernel in interpret mode, `remat`
+  (ModelConfig.attention_remat) recomputes blocked's tiles in the backward."""
   if impl not in KERNELS:
     raise ValueError(f"unknown attention kernel {impl!r}; choose one of {KERNELS}")
   T, S = q.shape[1], k.shape[1]
   if impl == "cudnn":
     return _cudnn(q, k, v, segment_ids)
   if impl == "blocked" and tiled(T, S) and T > TILE:
-    return _blocked(q, k, v, segment_ids)
+    return _blocked(q, k, v, segment_ids, remat)
   if impl == "splash" and tiled(T, S):
     return _splash(q, k, v, segment_ids, interpret)
   if impl == "pallas_gpu" and tiled(T, S):
@@ -91,14 +103,19 @@ def _masked(q, k, v, mask):
   return jnp.einsum("BKRTS,BSKD->BTKRD", probs, v)
 
 
-def _blocked(q, k, v, segment_ids):
-  """Query tile i attends to keys [0, (i+1)*TILE): a static loop, each tile one masked softmax."""
+def _blocked(q, k, v, segment_ids, remat):
+  """Query tile i attends to keys [0, (i+1)*TILE): a static loop, each tile one masked softmax.
+  Saved, each tile's probabilities are residuals of the backward (~T*S/2 per head in all);
+  with `remat` each tile recomputes them in the backward from q, k, v and the segment ids."""
+  def tile(q_tile, k, v, segment_ids, lo, hi):
+    causal = jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None]                 # [TILE, hi]
+    same = segment_ids[:, lo:hi, None] == segment_ids[:, None, :hi]                  # [B, TILE, hi]
+    return _masked(q_tile, k[:, :hi], v[:, :hi], (causal[None] & same)[:, None, None])
   outs = []
   for i in range(q.shape[1] // TILE):
     lo, hi = i * TILE, (i + 1) * TILE
-    causal = jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None]                 # [TILE, hi]
-    same = segment_ids[:, lo:hi, None] == segment_ids[:, None, :hi]                  # [B, TILE, hi]
-    outs.append(_masked(q[:, lo:hi], k[:, :hi], v[:, :hi], (causal[None] & same)[:, None, None]))
+    f = functools.partial(tile, lo=lo, hi=hi)
+    outs.append((jax.checkpoint(f) if remat else f)(q[:, lo:hi], k, v, segment_ids))
   return jnp.concatenate(outs, axis=1)
 
 

@@ -10,6 +10,7 @@ global state. What the run's settings decide is resolved here, in one place:
   attention_interpret  whether that kernel is a Pallas kernel off its native backend (then it
                    runs in interpret mode); from_config(config, backend="tpu") on a CPU machine
                    gives the real TPU kernel, to lower for TPU
+  attention_remat  whether blocked recomputes its tiles in the backward (off CPU)
   moe.layers       the MoE decoder-layer indices parsed from moe.layers
   moe.padded_experts  num_experts rounded up to the expert padding (moe.expert_multiple, or the
                    mesh's expert axis): the parameter shapes, so fixed when the model is built
@@ -69,6 +70,7 @@ class ModelConfig:
   scan_layers: bool
   attention: str                     # resolved kernel: xla | blocked | cudnn | splash | pallas_gpu
   attention_interpret: bool          # Pallas interpret mode (the kernel is not native on the backend)
+  attention_remat: bool              # blocked: recompute each tile in the backward
   moe: MoEConfig
 
 
@@ -95,4 +97,5 @@ def from_config(config, mesh=None, backend: str | None = None) -> ModelConfig:
       head_dim=m.head_dim if m.head_dim > 0 else m.hidden_size // m.num_heads,
       rope_theta=m.rope_theta, rms_norm_eps=m.rms_norm_eps, tie_embeddings=m.tie_embeddings,
       init_std=m.init_std, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers,
-      attention=kernel, attention_interpret=attention.interprets(kernel, backend), moe=moe)
+      attention=kernel, attention_interpret=attention.interprets(kernel, backend),
+      attention_remat=attention.remats(kernel, backend), moe=moe)

@@ -51,7 +51,7 @@ class DecoderLayer(nn.Module):
     dtype = layers.dtype_of(m.dtype)
     h = layers.RMSNorm(m.rms_norm_eps, name="input_layernorm")(x)
     x = x + layers.Attention(m.num_heads, m.num_kv_heads, m.head_dim, m.rope_theta, m.init_std,
-                             dtype, m.attention, m.attention_interpret,
+                             dtype, m.attention, m.attention_interpret, m.attention_remat,
                              name="self_attn")(h, segment_ids, positions, self.cache_len)
     h = layers.RMSNorm(m.rms_norm_eps, name="post_attention_layernorm")(x)
     if self.moe:
