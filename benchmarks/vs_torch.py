@@ -134,7 +134,7 @@ def worker(a):
     runs = {"apollo_jax": jax_step}
     info = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
             "attention": attention.resolve(config.model.attention),
-            "kernel": dropless.default_kernel()}
+            "kernel": dropless.resolve_kernel(config.moe.kernel, jax.default_backend())}
   else:
     runs = moe_vs_ffn(a)
   best = {}
