@@ -18,6 +18,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn", "splash", "pallas_gpu")
 MOE_IMPLS = ("dropless", "capacity")
+MOE_KERNELS = ("auto", "blocks", "ragged", "gmm")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -52,6 +53,12 @@ def base_config() -> ml_collections.ConfigDict:
   # the original (sorted grouped matmul, no capacity: capacity_factor/group_size unused);
   # "capacity" = GShard slots per group with drops (capacity_factor, group_size below).
   e.impl = "dropless"
+  # Dropless grouped matmul (model/dropless.py): auto | blocks | ragged | gmm. auto = ragged
+  # (jax.lax.ragged_dot, native) on TPU, blocks (a loop over row blocks) on CPU and GPU, where
+  # ragged_dot expands to a dense dot over every expert; ragged on GPU is refused unless XLA_FLAGS
+  # enables XLA's ragged-dot fusion. gmm = Pallas megablox: native on TPU, interpreted elsewhere
+  # (slow: meant for tests).
+  e.kernel = "auto"
   e.layers = "last:2"                # "last:N" | "all" | "none" (dense) | "3,7" explicit list
   e.num_experts = 7                  # real experts; language routing needs the map's size
   e.expert_map = "family7"           # family7 | major12 | lang50 (languages.EXPERT_MAPS)
@@ -343,6 +350,7 @@ def validate(config, num_devices: int | None = None):
   moe_idx = moe_layer_indices(e.layers, m.num_layers)
   need(e.routing in ROUTING_MODES, f"moe.routing={e.routing!r}; choose one of {ROUTING_MODES}")
   need(e.impl in MOE_IMPLS, f"moe.impl={e.impl!r}; choose one of {MOE_IMPLS}")
+  need(e.kernel in MOE_KERNELS, f"moe.kernel={e.kernel!r}; choose one of {MOE_KERNELS}")
   need(m.attention in ATTENTION_IMPLS, f"model.attention={m.attention!r}; choose one of {ATTENTION_IMPLS}")
   need(m.attention != "cudnn" or config.data.packing == "causal",
        "model.attention='cudnn' takes no segment ids, so it cannot keep packed samples apart; use "

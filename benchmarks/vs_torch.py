@@ -132,9 +132,9 @@ def worker(a):
     def jax_step():
       holder["state"] = jax_run(holder["state"])
     runs = {"apollo_jax": jax_step}
+    mc = from_config(config)
     info = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
-            "attention": from_config(config).attention,
-            "kernel": dropless.default_kernel()}
+            "attention": mc.attention, "kernel": mc.moe.kernel}
   else:
     runs = moe_vs_ffn(a)
   best = {}

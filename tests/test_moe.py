@@ -141,7 +141,7 @@ def jnp_dense_loss(params, x, choices, mode, norm, shared, r):
   return jnp.sum(y.reshape(r.shape) * r)
 
 
-FAST_CASES = ("hybrid_train", "language_k2", "hybrid_eval")     # the fast tier (-m "not slow"); CI runs all
+FAST_CASES = ("hybrid_train", "language_k2", "hybrid_eval", "hybrid_train_gmm")     # the fast tier (-m "not slow"); CI runs all
 CASES = {  # name: (config fields, train, reference mode)
     "hybrid_train": (dict(routing="hybrid"), True, "hybrid"),
     "hybrid_eval": (dict(routing="hybrid"), False, "topk"),
@@ -150,6 +150,7 @@ CASES = {  # name: (config fields, train, reference mode)
     "language_shared": (dict(routing="language", top_k=1, shared_expert=True), True, "language"),
     "language_k2": (dict(routing="language", top_k=2), False, "language"),
     "capacity_hybrid_train": (dict(routing="hybrid", impl="capacity"), True, "hybrid"),
+    "hybrid_train_gmm": (dict(routing="hybrid", kernel="gmm"), True, "hybrid"),    # Pallas interpret mode
 }
 
 
@@ -303,31 +304,98 @@ def test_capacity_gather_scatter_equals_the_old_einsums():
 
 
 @pytest.mark.parametrize("kernel,block", [pytest.param("blocks", 4, marks=pytest.mark.slow), ("blocks", 32),
-                                          ("ragged", 1)])
-def test_dropless_kernels_equal_all_experts_reference(kernel, block):
-  """moe_ffn with invalid slots, any block size, each kernel = every expert on every token
-  weighted by a dense [N, E] matrix (forward and every gradient)."""
-  N, I, E, K = 40, 12, 5, 2
+                                          ("ragged", 1), ("gmm", 16)])
+def test_dropless_kernels_equal_loop_over_experts(kernel, block):
+  """moe_ffn with invalid slots, empty experts (one inside the sort order, one last) and odd-sized
+  groups, each kernel (gmm in Pallas interpret mode) = a loop over the experts, each computing only
+  the tokens routed to it: forward and the gradients of x, the routing weights and wg, wu, wd."""
+  N, M_, I, E, K, empty = 150, 32, 48, 7, 2, [2, 6]
   k = jax.random.split(jax.random.PRNGKey(0), 6)
-  x = jax.random.normal(k[0], (N, M))
-  wg, wu = (jax.random.normal(kk, (E, M, I)) * 0.3 for kk in k[1:3])
-  wd = jax.random.normal(k[3], (E, I, M)) * 0.3
-  w, idx = jax.lax.top_k(jax.nn.softmax(2 * jax.random.normal(k[4], (N, E))), K)
+  x = jax.random.normal(k[0], (N, M_))
+  wg, wu = (jax.random.normal(kk, (E, M_, I)) * 0.3 for kk in k[1:3])
+  wd = jax.random.normal(k[3], (E, I, M_)) * 0.3
+  logits = 2 * jax.random.normal(k[4], (N, E)) + jnp.zeros(E).at[jnp.array(empty)].set(-jnp.inf)
+  w, idx = jax.lax.top_k(jax.nn.softmax(logits), K)
   valid = jax.random.uniform(k[5], (N, K)) > 0.2
+  idx_np, valid_np = np.asarray(idx), np.asarray(valid)
+  counts = np.bincount(idx_np[valid_np], minlength=E)
+  assert (counts[empty] == 0).all() and (counts % 2 == 1).sum() >= 2 and (counts > block).any()
 
   def ref(x, w, wg, wu, wd):
-    h = jax.nn.silu(jnp.einsum("NM,EMH->NEH", x, wg)) * jnp.einsum("NM,EMH->NEH", x, wu)
-    wmat = jnp.sum(jax.nn.one_hot(idx, E) * (w * valid)[..., None], 1)
-    return jnp.einsum("NE,NEM->NM", wmat, jnp.einsum("NEH,EHM->NEM", h, wd))
+    y = jnp.zeros_like(x)
+    for e in range(E):
+      tok, slot = np.nonzero((idx_np == e) & valid_np)           # expert e's tokens only
+      if len(tok):
+        h = jax.nn.silu(x[tok] @ wg[e]) * (x[tok] @ wu[e])
+        y = y.at[tok].add(w[tok, slot][:, None] * (h @ wd[e]))
+    return y
 
-  got = lambda *a: dropless.moe_ffn(a[0], idx, a[1], valid, *a[2:], kernel=kernel, block=block)
+  got = jax.jit(lambda *a: dropless.moe_ffn(a[0], idx, a[1], valid, *a[2:], kernel=kernel, block=block,
+                                            interpret=True))     # jit: interpret mode is slow eagerly
   args = (x, w, wg, wu, wd)
-  terms = M + I + E                  # f32 gate/up over M, down over I, the dense sum over E
+  terms = M_ + I + K                 # f32 gate/up over M, down over I, the sum over the K slots
   assert_close(got(*args), ref(*args), dtype=np.float32, terms=terms)
   # negative control: experts 0 and 1 swapped (a wrong shard) is far outside the bound
   swap = lambda a: a[jnp.array([1, 0, *range(2, E)])]
   assert violation(got(x, w, swap(wg), swap(wu), swap(wd)), ref(*args), dtype=np.float32, terms=terms) > 100
-  r = jax.random.normal(jax.random.PRNGKey(9), (N, M))
-  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * r), argnums=tuple(range(5)))(*args)
+  r = jax.random.normal(jax.random.PRNGKey(9), (N, M_))
+  grads = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * r), argnums=tuple(range(5))))(*args)
   for name, g, want in zip(("x", "w", "wg", "wu", "wd"), grads(got), grads(ref)):
     assert_close(g, want, dtype=np.float32, terms=2 * terms + N, err_msg=name)   # + sums over the N tokens
+
+
+@pytest.mark.parametrize("kernel", dropless.KERNELS)
+def test_rows_past_the_groups_are_zero_with_zero_gradient(kernel):
+  """grouped_swiglu on the sorted rows: the rows past the last expert's run (gmm never writes
+  them) come out 0, and so does their gradient; everything is finite."""
+  N, K, E, b = 24, 2, 3, 8
+  idx = jax.random.randint(jax.random.PRNGKey(0), (N, K), 0, E)
+  plan = dropless.sort_plan(idx, jnp.arange(N * K).reshape(N, K) % 3 > 0, E, 1 if kernel == "ragged" else b)
+  x_rows = dropless.dispatch(jax.random.normal(jax.random.PRNGKey(1), (N, M)), plan)
+  ws = [jax.random.normal(jax.random.PRNGKey(i), shape) for i, shape in
+        enumerate(((E, M, 16), (E, M, 16), (E, 16, M)), 2)]
+
+  def value_and_grad(x):
+    y, back = jax.vjp(lambda x: dropless.grouped_swiglu(x, plan, *ws, kernel, interpret=True), x)
+    return y, back(jnp.ones_like(y))[0]
+
+  y, dx = jax.jit(value_and_grad)(x_rows)
+  used = int(jnp.sum(-(-plan.group_sizes // plan.block) * plan.block))
+  assert used < len(x_rows) and np.isfinite(y).all() and np.isfinite(dx).all()
+  np.testing.assert_array_equal(np.asarray(y)[used:], 0.0)
+  np.testing.assert_array_equal(np.asarray(dx)[used:], 0.0)
+
+
+def test_resolve_kernel_per_backend(monkeypatch):
+  assert set(cfg.MOE_KERNELS) == {"auto", *dropless.KERNELS}
+  assert [dropless.resolve_kernel("auto", b) for b in ("cpu", "gpu", "tpu")] == ["blocks", "blocks", "ragged"]
+  for kernel in dropless.KERNELS:
+    assert [dropless.resolve_kernel(kernel, b) for b in ("cpu", "tpu")] == [kernel, kernel]
+  flag = "--xla_gpu_experimental_use_ragged_dot_fusion"
+  refused = r"expands .*ragged_dot into a dense matmul.*ragged_dot_fusion=true.*moe\.kernel=blocks"
+  for flags in ("--xla_force_host_platform_device_count=8", f"{flag}=false", f"{flag}=true {flag}=false"):
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    with pytest.raises(ValueError, match=refused):
+      dropless.resolve_kernel("ragged", "gpu")
+  monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {flag}=true")
+  assert dropless.resolve_kernel("ragged", "gpu") == "ragged"
+  # the model config: validated, resolved for the backend, gmm interpreted unless built for TPU
+  resolved = lambda backend, **f: (lambda m: (m.kernel, m.interpret))(from_config(make_config(**f), backend=backend).moe)
+  assert resolved("cpu") == ("blocks", True) and resolved("tpu") == ("ragged", False)
+  assert resolved("cpu", kernel="gmm") == ("gmm", True) and resolved("tpu", kernel="gmm") == ("gmm", False)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  with pytest.raises(ValueError, match=refused):
+    from_config(make_config(kernel="ragged"), backend="gpu")
+  with pytest.raises(ValueError, match="moe.kernel='dense'"):
+    from_config(make_config(kernel="dense"))
+
+
+def test_gmm_lowers_to_the_mosaic_kernel_for_tpu():
+  """Built for TPU on this CPU machine, the dropless MoE with moe.kernel=gmm lowers (forward and
+  backward) to the real Pallas TPU kernel, a Mosaic tpu_custom_call, not the interpreter."""
+  block = moe.MoEBlock(from_config(make_config(routing="topk", kernel="gmm"), backend="tpu"))
+  x, seg = jnp.zeros((B, S, M)), jnp.ones((B, S), jnp.int32)
+  params = jax.eval_shape(lambda: nn.meta.unbox(block.init(jax.random.PRNGKey(0), x, seg))["params"])
+  loss = lambda p, x: jnp.sum(block.apply({"params": p}, x, seg, None, True)[0])
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(params, x).lower(lowering_platforms=("tpu",))
+  assert "tpu_custom_call" in lowered.as_text()

@@ -15,7 +15,8 @@ global state. What the run's settings decide is resolved here, in one place:
   moe.padded_experts  num_experts rounded up to the expert padding (moe.expert_multiple, or the
                    mesh's expert axis): the parameter shapes, so fixed when the model is built
   moe.family_of_language  the expert of each of the 50 languages under moe.expert_map
-  moe.kernel       the dropless grouped-matmul kernel for this backend
+  moe.kernel       the dropless grouped-matmul kernel of moe.kernel on this backend
+  moe.interpret    the gmm kernel runs in Pallas interpret mode: the backend is not tpu
   moe.mesh, moe.batch_axes  the abstract mesh and its batch axes that the dropless MoE
                    shard_maps over (mesh None: one device, or plain GSPMD)
 """
@@ -42,7 +43,8 @@ class MoEConfig:
   shared_expert: bool = False
   router_init_std: float = 0.02
   impl: str = "dropless"             # dropless | capacity
-  kernel: str = "blocks"             # dropless grouped matmul: blocks | ragged
+  kernel: str = "blocks"             # dropless grouped matmul: blocks | ragged | gmm
+  interpret: bool = False            # gmm only: Pallas interpret mode (resolved for a non-TPU backend)
   capacity_factor: float = 1.0       # capacity impl only, train / eval
   eval_capacity_factor: float = 2.0
   min_capacity: int = 4
@@ -79,13 +81,15 @@ def from_config(config, mesh=None, backend: str | None = None) -> ModelConfig:
   model will run under, `backend` defaults to jax's (both only choose kernels and the dispatch)."""
   cfg.validate(config)
   m, e = config.model, config.moe
+  backend = backend or jax.default_backend()
   abstract = getattr(mesh, "abstract_mesh", mesh)
   moe = MoEConfig(
       layers=tuple(cfg.moe_layer_indices(e.layers, m.num_layers)), num_experts=e.num_experts,
       padded_experts=cfg.padded_num_experts(config), top_k=e.top_k, routing=e.routing,
       family_of_language=tuple(int(x) for x in languages.expert_map(e.expert_map)),
       norm_topk_prob=e.norm_topk_prob, shared_expert=e.shared_expert, router_init_std=e.router_init_std,
-      impl=e.impl, kernel=dropless.default_kernel(backend), capacity_factor=e.capacity_factor,
+      impl=e.impl, kernel=dropless.resolve_kernel(e.kernel, backend), interpret=backend != "tpu",
+      capacity_factor=e.capacity_factor,
       eval_capacity_factor=e.eval_capacity_factor, min_capacity=e.min_capacity,
       group_size=e.group_size, analysis=e.analysis,
       mesh=None if abstract is None or abstract.empty or abstract.size == 1 else abstract,

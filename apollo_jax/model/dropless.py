@@ -10,37 +10,64 @@ R rows of the sorted buffer, M model size, I expert hidden size, b rows per bloc
   y_rows = grouped_swiglu(x_rows, plan, wg, wu, wd, kernel)               [R, M]
   y      = sum_k w[:, k] * gather_rows(y_rows, row_of_assignment, ...)    [N, M]
 
-Kernels for the grouped matmul (per backend; `KERNELS`):
-  blocks     a loop over the used blocks, each one [b, M] x [M, I] matmul with its expert's
-             weights, and a custom VJP whose backward accumulates each expert's weight gradient
-             in place (no [E, ...] sized temporary per block). Measured fastest on CPU
-             (benchmarks/moe_block.py): ~the FLOPs of the k experts plus the block padding
-             (< E*b rows).
-  ragged     jax.lax.ragged_dot over the unpadded sorted rows. A real grouped GEMM on TPU
-             (Mosaic) and on recent GPUs; on CPU in jax 0.10.2 it expands to E masked dense
-             dots (~E/k x the FLOPs), so it is only the GPU/TPU default. Unmeasured here (no
-             accelerator in this project's CI): bench it with benchmarks/moe_block.py there.
-Both kernels are exact: the same rows, weights and sums as the loop-over-experts reference.
+Kernels for the grouped matmul (`KERNELS`; moe.kernel=auto picks one per backend: `resolve_kernel`):
+
+  kernel  what                                                  default on  measured
+  blocks  a loop over the used blocks of b rows, each one       CPU, GPU    CPU: fastest, ~the FLOPs
+          [b, M] x [M, I] matmul with its expert's weights; a               of the k experts + the
+          custom VJP accumulates each expert's weight gradient              block padding (< E*b
+          in place (no [E, ...] temporary per block)                        rows). GPU: unmeasured
+  ragged  jax.lax.ragged_dot over the sorted rows               TPU         unmeasured (native there)
+  gmm     Pallas megablox gmm (its custom VJP uses tgmm), one   never       TPU: unmeasured; lowers
+          row tile per block                                                to the Mosaic kernel
+
+ragged_dot is not the GPU default: XLA's GPU compiler expands it into a dense dot over every
+expert (E/k x the FLOPs) unless XLA_FLAGS has --xla_gpu_experimental_use_ragged_dot_fusion=true,
+and that fusion also needs cuDNN >= 9.22, sm80+ and bf16/f16, and may still expand the weight
+gradient; so an explicit moe.kernel=ragged on GPU without the flag is refused. On CPU it expands
+to E masked dense dots too. gmm off TPU runs in Pallas interpret mode (correct, very slow: tests
+only). All kernels are exact: the same rows, weights and sums as the loop-over-experts reference
+(tests/test_moe.py); the timings are benchmarks/moe_block.py on CPU, no accelerator measured.
 
 The gathers have custom VJPs that transpose into gathers as well (each token has K rows, each
 row one token), so the backward needs no scatter-add (slow on CPU, serialised on GPU).
 """
 
 import functools
+import os
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import megablox
 
-KERNELS = ("blocks", "ragged")
-BLOCK_ROWS = 128     # b for the `blocks` kernel: large enough for an efficient matmul, small
-                     # enough that the padding (< E*b rows) stays a few % of N*K at 4k tokens
+KERNELS = ("blocks", "ragged", "gmm")     # what `resolve_kernel` returns
+BLOCK_ROWS = 128     # b for `blocks` and gmm's row tile: large enough for an efficient matmul,
+                     # small enough that the padding (< E*b rows) stays a few % of N*K at 4k tokens
+GMM_TILE = 128       # gmm's k and n tile (M and I need not be multiples: gmm masks the k
+                     # remainder and clips the n edge)
+RAGGED_FUSION_FLAG = "--xla_gpu_experimental_use_ragged_dot_fusion"
 
 
-def default_kernel(backend: str | None = None) -> str:
-  """The grouped-matmul kernel per backend (see the module docstring)."""
-  backend = backend or jax.default_backend()
-  return "blocks" if backend == "cpu" else "ragged"
+def resolve_kernel(kernel: str, backend: str) -> str:
+  """The grouped-matmul kernel of moe.kernel=`kernel` on `backend` (see the module docstring;
+  config.validate has checked `kernel`)."""
+  if kernel == "auto":
+    return "ragged" if backend == "tpu" else "blocks"
+  if kernel == "ragged" and backend == "gpu" and not _ragged_fusion_enabled():
+    raise ValueError(
+        "moe.kernel='ragged' on GPU: without XLA's ragged-dot fusion, XLA expands "
+        "jax.lax.ragged_dot into a dense matmul over every expert (E/top_k x the FLOPs and memory). "
+        f"Set XLA_FLAGS='{RAGGED_FUSION_FLAG}=true' (needs cuDNN >= 9.22, sm80+, bf16/f16) or "
+        "use moe.kernel=blocks (or auto).")
+  return kernel
+
+
+def _ragged_fusion_enabled() -> bool:
+  """Whether XLA_FLAGS turns the ragged-dot fusion on (its last mention wins, as XLA parses it)."""
+  values = [v for k, _, v in (f.partition("=") for f in os.environ.get("XLA_FLAGS", "").split())
+            if k == RAGGED_FUSION_FLAG]
+  return bool(values) and values[-1].lower() in ("", "true", "1")
 
 
 class Plan(NamedTuple):
@@ -117,17 +144,30 @@ def combine(y_rows, weights, plan: Plan):
 
 
 # ------------------------------------------------------------------ grouped SwiGLU kernels
-def grouped_swiglu(x_rows, plan: Plan, wg, wu, wd, kernel: str):
-  """down(silu(gate(x)) * up(x)) of each row with its expert's weights [E, M, I] / [E, I, M]."""
+def grouped_swiglu(x_rows, plan: Plan, wg, wu, wd, kernel: str, interpret: bool = False):
+  """down(silu(gate(x)) * up(x)) of each row with its expert's weights [E, M, I] / [E, I, M].
+  `interpret`: run gmm in Pallas interpret mode (off TPU)."""
   if kernel == "blocks":
     return _blocks_swiglu(x_rows, plan.block_expert, plan.num_blocks, wg, wu, wd, plan.block)
+  # Rows are padded per expert to the plan's block; ragged_dot and gmm want each group
+  # contiguous, so give them the padded sizes (padding rows are zero and never read back).
+  sizes = -(-plan.group_sizes // plan.block) * plan.block
   if kernel == "ragged":
-    # Rows are padded per expert to the plan's block; ragged_dot wants each group contiguous,
-    # so give it the padded sizes (padding rows are zero and never read back).
-    sizes = -(-plan.group_sizes // plan.block) * plan.block
     dot = lambda a, w: jax.lax.ragged_dot(a, w, sizes)
-    return dot(jax.nn.silu(dot(x_rows, wg)) * dot(x_rows, wu), wd)
-  raise ValueError(f"unknown dropless kernel {kernel!r}; choose one of {KERNELS}")
+  elif kernel == "gmm":
+    # The plan's block is gmm's row tile tm (moe_ffn): every expert's run starts at a multiple of
+    # tm, so no tile is shared by two experts, and R is a multiple of tm, as gmm requires. gmm
+    # never writes the rows past the last run (garbage; NaN in interpret mode): the row mask on
+    # every output zeroes them, and on the input it zeroes their gradient, which gmm's backward
+    # leaves unwritten as well.
+    rows = (jnp.arange(x_rows.shape[0]) < jnp.sum(sizes))[:, None]
+    mask = lambda a: jnp.where(rows, a, 0)
+    tiling = (plan.block, GMM_TILE, GMM_TILE)
+    dot = lambda a, w: mask(megablox.gmm(a, w, sizes, x_rows.dtype, tiling, interpret=interpret))
+    x_rows = mask(x_rows)
+  else:
+    raise ValueError(f"unknown dropless kernel {kernel!r}; choose one of {KERNELS}")
+  return dot(jax.nn.silu(dot(x_rows, wg)) * dot(x_rows, wu), wd)
 
 
 def _block(a, i, b):
@@ -181,10 +221,12 @@ def _blocks_bwd(b, res, dy):
 _blocks_swiglu.defvjp(_blocks_fwd, _blocks_bwd)
 
 
-def moe_ffn(x_NM, idx, weights, valid, wg, wu, wd, kernel: str, block: int = BLOCK_ROWS):
+def moe_ffn(x_NM, idx, weights, valid, wg, wu, wd, kernel: str, block: int = BLOCK_ROWS,
+            interpret: bool = False):
   """The routed experts' output [N, M] (float32): sum_k weights * expert_idx(x), every valid
-  assignment computed. idx/weights/valid [N, K]; invalid slots contribute nothing."""
+  assignment computed. idx/weights/valid [N, K]; invalid slots contribute nothing. `block`: the
+  rows per block of `blocks` and gmm's row tile (ragged needs no padding: block 1)."""
   wg, wu, wd = (jnp.asarray(w) for w in (wg, wu, wd))      # params may arrive as numpy arrays
-  plan = sort_plan(idx, valid, wg.shape[0], block if kernel == "blocks" else 1)
-  y_rows = grouped_swiglu(dispatch(x_NM, plan), plan, wg, wu, wd, kernel)
+  plan = sort_plan(idx, valid, wg.shape[0], 1 if kernel == "ragged" else block)
+  y_rows = grouped_swiglu(dispatch(x_NM, plan), plan, wg, wu, wd, kernel, interpret)
   return combine(y_rows, jnp.where(valid, weights, 0.0), plan)

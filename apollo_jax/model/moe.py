@@ -3,7 +3,7 @@
 `moe.impl` (config.py):
   dropless  (default) every top-k assignment is computed, exactly as the original's loop over
             experts: assignments sorted by expert and run through a grouped matmul
-            (model/dropless.py, kernel chosen per backend). No capacity, no drops.
+            (model/dropless.py, kernel moe.kernel, auto: per backend). No capacity, no drops.
   capacity  GShard-style: tokens [B, S_row] are flattened and split into G groups of S tokens
             (`group_shape`); groups may span rows, so one group mixes languages. Per group every
             assignment gets a slot in its expert's buffer of C slots (routing.capacity_positions:
@@ -104,7 +104,8 @@ def capacity_moe(x_GSM, idx, weights, keep, pos, C, experts):
   return jnp.einsum("GSKM,GSK->GSM", y_GSKM, (weights * keep).astype(y_GSKM.dtype))
 
 
-def dropless_moe(x, idx, weights, valid, wg, wu, wd, kernel: str, mesh=None, batch_axes=()):
+def dropless_moe(x, idx, weights, valid, wg, wu, wd, kernel: str, interpret: bool = False,
+                 mesh=None, batch_axes=()):
   """Dropless experts on x [B, S, M] with idx/weights/valid [B, S, K] -> float32 [B, S, M].
 
   Under a multi-device `mesh` (an AbstractMesh; None: plain jit): shard_map over `batch_axes` over the batch axes; each device sorts and computes its
@@ -115,7 +116,8 @@ def dropless_moe(x, idx, weights, valid, wg, wu, wd, kernel: str, mesh=None, bat
   def local(x, idx, weights, valid, wg, wu, wd):
     B, S, M = x.shape
     flat = lambda a: a.reshape(B * S, *a.shape[2:])
-    y = dropless.moe_ffn(flat(x), flat(idx), flat(weights), flat(valid), wg, wu, wd, kernel)
+    y = dropless.moe_ffn(flat(x), flat(idx), flat(weights), flat(valid), wg, wu, wd, kernel,
+                         interpret=interpret)
     return y.reshape(B, S, M)
 
   shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in batch_axes)
@@ -161,8 +163,8 @@ class MoEBlock(nn.Module):
     experts = Experts(E, E_real, I, m.init_std, dtype, name="experts")
     if dropless_:
       keep = valid
-      y = experts(M, lambda wg, wu, wd: dropless_moe(x_GSM, idx, weights, valid, wg, wu, wd,
-                                                                e.kernel, e.mesh, e.batch_axes))
+      y = experts(M, lambda wg, wu, wd: dropless_moe(x_GSM, idx, weights, valid, wg, wu, wd, e.kernel,
+                                                     e.interpret, e.mesh, e.batch_axes))
     else:
       cf = e.capacity_factor if train else e.eval_capacity_factor
       C = cfg.capacity(S, E_real, K, cf, e.min_capacity)
