@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from apollo_jax import config as cfg  # noqa: E402
-from apollo_jax.model import dropless, layers  # noqa: E402
+from apollo_jax.model import layers  # noqa: E402
 from apollo_jax.model.config import from_config  # noqa: E402
 from apollo_jax.model.moe import MoEBlock  # noqa: E402
 import moe_block  # noqa: E402
