@@ -26,3 +26,21 @@ def test_benchmark_runs(script, args, expect):
   assert out.returncode == 0, out.stderr[-3000:]
   for name in expect:
     assert name in out.stdout, out.stdout
+
+
+@pytest.mark.slow
+def test_accelerator_check_quick_passes_its_parity_checks(tmp_path):
+  """The device check on CPU: every kernel's bf16 parity passes and the JSON has every section."""
+  import json
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "accelerator_check.py"), "--quick",
+                        "--repeats=1", f"--out={tmp_path / 'check.json'}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  r = json.loads((tmp_path / "check.json").read_text())
+  assert set(r["parity"]["attention"]) == {"xla", "blocked", "splash", "pallas_gpu"}
+  assert set(r["parity"]["moe"]) == {"blocks", "ragged", "gmm"}
+  assert all(v["ok"] for sec in r["parity"].values() for v in sec.values())
+  assert {"dense_ffn", "blocks", "ragged", "ragged_fused"} <= set(r["moe"])
+  assert all(isinstance(t, float) for t in r["moe"].values()), r["moe"]
+  assert r["train"]["tokens_per_s"] > 0 and "FAIL" not in out.stdout
