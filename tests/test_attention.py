@@ -147,6 +147,26 @@ def test_kernel_equals_reference_forward_and_backward(tiled_case, impl, remat):
                  err_msg=f"{impl} {name}")
 
 
+@pytest.mark.parametrize("impl", ["splash", "pallas_gpu"])
+def test_pallas_kernels_run_per_device_under_a_mesh(tiled_case, impl):
+  """Under a mesh each Pallas kernel runs on its device's rows (fsdp=2) and kv heads (tensor=2):
+  the same numbers as the reference, forward and backward."""
+  (q, k, v, dout), want = tiled_case
+  mesh = jax.make_mesh((1, 2, 1, 2), cfg.MESH_AXES, devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 4)
+  seg = jnp.asarray(TSEG)
+  f = lambda q, k, v: attention.attend(q, k, v, seg, impl, True, False, mesh.abstract_mesh,
+                                       ("data", "fsdp", "expert"), "tensor")
+  with jax.set_mesh(mesh):
+    lowered = jax.jit(lambda q, k, v: (f(q, k, v), *jax.vjp(f, q, k, v)[1](dout))).lower(q, k, v)
+    got = lowered.compile()(q, k, v)
+  assert "sdy.manual_computation" in lowered.as_text()
+  terms = TD + 2 * TT
+  for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+    assert_close(g, w, dtype=np.float32, terms=terms if name == "out" else 2 * terms,
+                 err_msg=f"{impl} {name}")
+
+
 def test_blocked_remat_keeps_backward_residuals_linear_in_length(tiled_case):
   """Saved, blocked's backward holds each tile's probabilities (> T*S/2 floats per head); with
   remat only q, k, v and the segment ids (its gradients: test_kernel_equals_reference_...)."""

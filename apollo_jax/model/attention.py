@@ -32,6 +32,7 @@ blocked, splash and pallas_gpu need T == S, a multiple of TILE (`tiled`); other 
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -77,10 +78,12 @@ def attention_mask(segment_ids):
   return (causal[None] & same)[:, None, None]
 
 
-def attend(q, k, v, segment_ids, impl: str = "xla", interpret: bool = False, remat: bool = False):
+def attend(q, k, v, segment_ids, impl: str = "xla", interpret: bool = False, remat: bool = False,
+           mesh=None, batch_axes: tuple = (), head_axis: str | None = None):
   """Grouped-query attention output [B, T, Kv, R, D] in q's dtype (see the module docstring);
   `interpret` (ModelConfig.attention_interpret) runs a Pallas kernel in interpret mode, `remat`
-  (ModelConfig.attention_remat) recomputes blocked's tiles in the backward."""
+  (ModelConfig.attention_remat) recomputes blocked's tiles in the backward; a Pallas kernel runs
+  per device under `mesh` (`per_device`)."""
   if impl not in KERNELS:
     raise ValueError(f"unknown attention kernel {impl!r}; choose one of {KERNELS}")
   T, S = q.shape[1], k.shape[1]
@@ -88,11 +91,26 @@ def attend(q, k, v, segment_ids, impl: str = "xla", interpret: bool = False, rem
     return _cudnn(q, k, v, segment_ids)
   if impl == "blocked" and tiled(T, S) and T > TILE:
     return _blocked(q, k, v, segment_ids, remat)
-  if impl == "splash" and tiled(T, S):
-    return _splash(q, k, v, segment_ids, interpret)
-  if impl == "pallas_gpu" and tiled(T, S):
-    return _pallas_gpu(q, k, v, segment_ids, interpret)
+  if impl in PALLAS and tiled(T, S):
+    kernel = functools.partial(PALLAS[impl], interpret=interpret)
+    return per_device(kernel, q, k, v, segment_ids, mesh, batch_axes, head_axis)
   return _masked(q, k, v, attention_mask(segment_ids))
+
+
+def per_device(kernel, q, k, v, segment_ids, mesh, batch_axes, head_axis):
+  """kernel(q, k, v, segment_ids) shard_map'ed over the rows (`batch_axes`) and, where they split
+  evenly, the kv heads (`head_axis`). GSPMD has no partitioning rule for a Pallas custom call: it
+  would gather every row and head onto each device. Attention is independent per row and per kv
+  head, so each device runs the kernel on its own rows and heads (mesh None: one device)."""
+  if mesh is None:
+    return kernel(q, k, v, segment_ids)
+  rows = math.prod(mesh.shape[a] for a in batch_axes)
+  if q.shape[0] % rows:        # e.g. the 1-row init: plain (replicated) call, same numbers
+    return kernel(q, k, v, segment_ids)
+  heads = head_axis if head_axis and q.shape[2] % mesh.shape[head_axis] == 0 else None
+  qkv, seg = jax.P(batch_axes, None, heads), jax.P(batch_axes)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv,
+                       check_vma=False)(q, k, v, segment_ids)
 
 
 def _masked(q, k, v, mask):
@@ -154,6 +172,9 @@ def _pallas_gpu(q, k, v, segment_ids, interpret):
   out = pallas_gpu.mha(q.reshape(B, T, Kv * R, D), k, v, segment_ids, sm_scale=D ** -0.5,
                        causal=True, interpret=interpret)
   return out.reshape(q.shape)
+
+
+PALLAS = {"splash": _splash, "pallas_gpu": _pallas_gpu}     # the Pallas kernels, each run per device
 
 
 def _cudnn(q, k, v, segment_ids):

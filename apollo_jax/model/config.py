@@ -17,8 +17,9 @@ global state. What the run's settings decide is resolved here, in one place:
   moe.family_of_language  the expert of each of the 50 languages under moe.expert_map
   moe.kernel       the dropless grouped-matmul kernel of moe.kernel on this backend
   moe.interpret    the gmm kernel runs in Pallas interpret mode: the backend is not tpu
-  moe.mesh, moe.batch_axes  the abstract mesh and its batch axes that the dropless MoE
-                   shard_maps over (mesh None: one device, or plain GSPMD)
+  mesh, batch_axes, head_axis  the abstract mesh, its batch axes and the kv-head axis that the
+                   dropless MoE and the Pallas attention kernels shard_map over (mesh None: one
+                   device, or plain GSPMD)
 """
 
 import dataclasses
@@ -50,8 +51,6 @@ class MoEConfig:
   min_capacity: int = 4
   group_size: int = 1024
   analysis: bool = False             # also sow each token's chosen experts
-  mesh: jax.sharding.AbstractMesh | None = None
-  batch_axes: tuple = ()             # the mesh axes the batch rows are sharded over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +73,9 @@ class ModelConfig:
   attention_interpret: bool          # Pallas interpret mode (the kernel is not native on the backend)
   attention_remat: bool              # blocked: recompute each tile in the backward
   moe: MoEConfig
+  mesh: jax.sharding.AbstractMesh | None = None
+  batch_axes: tuple = ()             # the mesh axes the batch rows are sharded over
+  head_axis: str | None = None       # the mesh axis the (kv) heads are sharded over
 
 
 def from_config(config, mesh=None, backend: str | None = None) -> ModelConfig:
@@ -91,9 +93,7 @@ def from_config(config, mesh=None, backend: str | None = None) -> ModelConfig:
       impl=e.impl, kernel=dropless.resolve_kernel(e.kernel, backend), interpret=backend != "tpu",
       capacity_factor=e.capacity_factor,
       eval_capacity_factor=e.eval_capacity_factor, min_capacity=e.min_capacity,
-      group_size=e.group_size, analysis=e.analysis,
-      mesh=None if abstract is None or abstract.empty or abstract.size == 1 else abstract,
-      batch_axes=tuple(sharding.BATCH_AXES))
+      group_size=e.group_size, analysis=e.analysis)
   kernel = attention.resolve(m.attention, backend)
   return ModelConfig(
       vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
@@ -102,4 +102,6 @@ def from_config(config, mesh=None, backend: str | None = None) -> ModelConfig:
       rope_theta=m.rope_theta, rms_norm_eps=m.rms_norm_eps, tie_embeddings=m.tie_embeddings,
       init_std=m.init_std, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers,
       attention=kernel, attention_interpret=attention.interprets(kernel, backend),
-      attention_remat=attention.remats(kernel, backend), moe=moe)
+      attention_remat=attention.remats(kernel, backend), moe=moe,
+      mesh=None if abstract is None or abstract.empty or abstract.size == 1 else abstract,
+      batch_axes=tuple(sharding.BATCH_AXES), head_axis=dict(sharding.RULES)["act_kv"])

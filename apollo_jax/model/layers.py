@@ -74,6 +74,9 @@ class Attention(nn.Module):
   impl: str = "xla"           # attention kernel (attention.resolve of model.attention)
   interpret: bool = False     # run a Pallas kernel in interpret mode (off its native backend)
   remat: bool = False         # blocked: recompute each tile's scores in the backward
+  mesh: Any = None            # Pallas kernels: shard_map'ed over this mesh (ModelConfig.mesh)
+  batch_axes: tuple = ()
+  head_axis: str | None = None
 
   @nn.compact
   def __call__(self, x, segment_ids, positions, cache_len: int = 0):
@@ -91,7 +94,8 @@ class Attention(nn.Module):
       return dense(H, ("heads", "embed"), self.init_std, self.dtype, name="o_proj")(out)
     # Query heads grouped by the kv head they share: [B, S, nkv, rep, hd] (no k/v repetition).
     q = q.reshape(B, S, nkv, nh // nkv, hd)
-    out = attention.attend(q, k, v, segment_ids, self.impl, self.interpret, self.remat).reshape(B, S, nh * hd)
+    out = attention.attend(q, k, v, segment_ids, self.impl, self.interpret, self.remat,
+                           self.mesh, self.batch_axes, self.head_axis).reshape(B, S, nh * hd)
     return dense(H, ("heads", "embed"), self.init_std, self.dtype, name="o_proj")(out)
 
 

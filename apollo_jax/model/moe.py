@@ -164,7 +164,7 @@ class MoEBlock(nn.Module):
     if dropless_:
       keep = valid
       y = experts(M, lambda wg, wu, wd: dropless_moe(x_GSM, idx, weights, valid, wg, wu, wd, e.kernel,
-                                                     e.interpret, e.mesh, e.batch_axes))
+                                                     e.interpret, m.mesh, m.batch_axes))
     else:
       cf = e.capacity_factor if train else e.eval_capacity_factor
       C = cfg.capacity(S, E_real, K, cf, e.min_capacity)

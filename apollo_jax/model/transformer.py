@@ -52,7 +52,7 @@ class DecoderLayer(nn.Module):
     h = layers.RMSNorm(m.rms_norm_eps, name="input_layernorm")(x)
     x = x + layers.Attention(m.num_heads, m.num_kv_heads, m.head_dim, m.rope_theta, m.init_std,
                              dtype, m.attention, m.attention_interpret, m.attention_remat,
-                             name="self_attn")(h, segment_ids, positions, self.cache_len)
+                             m.mesh, m.batch_axes, m.head_axis, name="self_attn")(h, segment_ids, positions, self.cache_len)
     h = layers.RMSNorm(m.rms_norm_eps, name="post_attention_layernorm")(x)
     if self.moe:
       y, stats = MoEBlock(self.config, name="mlp")(h, segment_ids, family, self.train)
@@ -156,10 +156,11 @@ class Transformer(nn.Module):
     return jnp.asarray(e.family_of_language, jnp.int32)[language_ids]
 
 
-def build_model(config, mesh=None) -> nn.Module:
-  """The flax module of a run's ConfigDict, to run under `mesh` (model/config.py resolves what
-  the settings decide; `Transformer(model_config)` builds one from a ModelConfig alone)."""
-  return Transformer(model_config.from_config(config, mesh))
+def build_model(config, mesh=None, backend: str | None = None) -> nn.Module:
+  """The flax module of a run's ConfigDict, to run under `mesh` on `backend` (default: jax's;
+  model/config.py resolves what the settings decide; `Transformer(model_config)` builds one from
+  a ModelConfig alone)."""
+  return Transformer(model_config.from_config(config, mesh, backend))
 
 
 def abstract_variables(model, batch_shape=(1, 8)) -> dict:

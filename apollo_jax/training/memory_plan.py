@@ -52,13 +52,16 @@ def abstract_inputs(config, mesh, model, tx):
   return state, abstract_batch(config, mesh), shardings
 
 
-def lower_train_step(config, mesh):
-  """The jitted train step of `train` and its lowering for abstract inputs."""
+def lower_train_step(config, mesh, backend: str | None = None, platform: str | None = None):
+  """The jitted train step of `train` and its lowering for abstract inputs, with the kernels of
+  `backend` (default: this machine's), lowered for `platform` (default: this machine's; e.g.
+  "tpu" or "cuda" from a CPU machine, which lowers but cannot compile)."""
   with sharding.activate(mesh):
-    model, tx = transformer.build_model(config, mesh), optimizer.make_optimizer(config)
+    model, tx = transformer.build_model(config, mesh, backend), optimizer.make_optimizer(config)
     state, batch, shardings = abstract_inputs(config, mesh, model, tx)
     fn = ts.jit_train_step(ts.make_train_step(model, config, tx, mesh), shardings, mesh)
-    return fn, fn.lower(state, batch)
+    traced = fn.trace(state, batch)
+    return fn, traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
 
 
 def hlo_flops(config, mesh) -> float:
