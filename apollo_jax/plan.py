@@ -1,7 +1,13 @@
 """Memory and FLOP plan of the real train step, compiled ahead of time for N devices.
 
-`python -m apollo_jax.plan --config=configs/apollo_moe_7b.py --devices=8 [--mesh=fsdp=8]`
+`python -m apollo_jax.plan --config=configs/apollo_moe_7b.py --devices=8 [--mesh=fsdp=8] [--target=tpu]`
 (exit status 2 when the step does not fit the budget)
+
+--target=cpu|gpu|tpu plans with the kernels `auto` picks on that backend (default: this machine's
+if it is an accelerator, else gpu). A kernel XLA cannot compile here (splash, pallas_gpu, cudnn;
+ragged_dot, which XLA:CPU expands into a dense dot over every expert; gmm) is compiled as its
+closest stand-in (training/memory_plan.py STAND_IN: blocked attention with its tiles recomputed
+in the backward, the blocks grouped matmul); the plan prints which kernels it assumed.
 
 Lowers and compiles train_step (the same make_train_step/jit_train_step/state_shardings as
 `train`) for abstract, sharded inputs (nothing is allocated). With --devices=N the devices are
@@ -17,10 +23,13 @@ N simulated CPU devices; without it, the machine's own. Prints per device:
            has three (scanned layers, grad-accumulation micro-batches, loss chunks); so the
            FLOPs come from lowering the same step with layers unrolled, one micro-batch and an
            unchunked loss (same math), times grad_accum, plus the chunked loss's logit
-           recompute (2 x hidden x vocab per token). Lowered (whole-program) and compiled (per
-           device x devices) counts agree to ~1 % (tests/test_plan.py). They include remat
-           recomputation, the attention's masked half, MoE capacity padding and dispatch
-           einsums.
+           recompute (2 x hidden x vocab per token); the dropless MoE's grouped matmul (itself a
+           loop over row blocks) is lowered as one batched einsum over the same blocks (kernel
+           "einsum" of model/dropless.py), so the expert matmuls are counted at the static
+           worst-case block padding. Lowered (whole-program) and compiled (per device x
+           devices) counts agree to ~1 % (tests/test_plan.py). They include remat
+           recomputation, blocked attention's masked diagonal tiles, MoE block or capacity
+           padding and dispatch einsums.
 
 `train` calls `before_training` (config.plan): it prints the plan before step 1, or a warning
 when the step does not fit, and reuses the compiled step.
@@ -58,12 +67,14 @@ def main(argv):
     config.mesh.update(parse_mesh(f.mesh))
   if f.budget_gb:
     config.device_memory_gb = f.budget_gb
-  p = memory_plan.plan(config)
+  here = jax.default_backend()
+  target = f.target or (here if here != "cpu" else "gpu")
+  p = memory_plan.plan(config, target=target)
   print(memory_plan.format_plan(config, p))
   if config.model.remat != "none":   # the FLOPs without remat's recomputation (lowering only)
     flat = config.copy_and_resolve_references()
     flat.model.remat = "none"
-    flops = memory_plan.hlo_flops(flat, sharding.make_mesh(flat))
+    flops = memory_plan.hlo_flops(flat, sharding.make_mesh(flat), target)
     print(f"  FLOPs per step without remat: HLO {flops:.4g} -> {flops / p.ideal_flops:.3f} x ideal")
   if not p.fits:
     print(memory_plan.warning(p))
@@ -76,6 +87,8 @@ if __name__ == "__main__":   # flags defined only here, so importing this module
   config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/apollo_moe_7b.py[:args]",
                                   lock_config=True)
   flags.DEFINE_integer("devices", 0, "plan for N simulated CPU devices (0: this machine's devices)")
+  flags.DEFINE_enum("target", None, memory_plan.TARGETS, "the backend whose kernels to plan with "
+                    "(default: this machine's if an accelerator, else gpu)")
   flags.DEFINE_string("mesh", "", "mesh axis sizes over config.mesh, e.g. fsdp=4,expert=2")
   flags.DEFINE_float("budget_gb", 0.0, "memory budget per device in GB (0: config.device_memory_gb, "
                                        "else the device's own, else 80)")

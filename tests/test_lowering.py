@@ -7,6 +7,7 @@ import re
 import pytest
 
 from apollo_jax import config as cfg
+from apollo_jax.model import config as model_config
 from apollo_jax.runtime import sharding
 from apollo_jax.training import memory_plan
 from configs import tiny
@@ -34,7 +35,8 @@ def tiny_config(**model):
 
 def lowered_text(config, backend):
   mesh = sharding.make_mesh(cfg.validate(config, 8))
-  _, lowered = memory_plan.lower_train_step(config, mesh, backend, TARGETS[backend])
+  model = model_config.from_config(config, mesh, backend)
+  _, lowered = memory_plan.lower_train_step(config, mesh, model, TARGETS[backend])
   return lowered.as_text()
 
 

@@ -304,7 +304,7 @@ def test_capacity_gather_scatter_equals_the_old_einsums():
 
 
 @pytest.mark.parametrize("kernel,block", [pytest.param("blocks", 4, marks=pytest.mark.slow), ("blocks", 32),
-                                          ("ragged", 1), ("gmm", 16)])
+                                          ("ragged", 1), ("gmm", 16), ("einsum", 32)])
 def test_dropless_kernels_equal_loop_over_experts(kernel, block):
   """moe_ffn with invalid slots, empty experts (one inside the sort order, one last) and odd-sized
   groups, each kernel (gmm in Pallas interpret mode) = a loop over the experts, each computing only

@@ -93,6 +93,30 @@ def test_memory_and_flops_match_hand_counts_and_a_real_compile(hooked):
   assert not p.fits and "grad_accum" in memory_plan.warning(p)
 
 
+@pytest.mark.slow
+def test_moe_expert_matmuls_are_counted_without_a_loop():
+  """The dropless MoE's grouped matmul (a loop over row blocks) is counted as its loop-free
+  einsum: hand count = 6 x the non-expert active params per token + 6 x 3 M I per sorted row,
+  at the kernel's static worst case of R rows per MoE layer (one sort of the micro-batch: the
+  count lowers without shard_map), + attention + recompute."""
+  from apollo_jax import config as cfg
+  from apollo_jax.model import dropless
+  c = tiny.get_config()                                   # the last 2 of 4 layers are MoE
+  c.global_batch, c.data.seq_len, c.loss_chunk, c.model.remat = 8, 64, 16, "none"
+  mesh = sharding.make_mesh(c, jax.devices()[:DEVICES])
+  flops = memory_plan.hlo_flops(c, mesh)
+  m, e = c.model, c.moe
+  M, I, K, E, b = m.hidden_size, m.intermediate_size, e.top_k, cfg.padded_num_experts(c), dropless.BLOCK_ROWS
+  tokens, layers = c.global_batch * c.data.seq_len, len(cfg.moe_layer_indices(e.layers, m.num_layers))
+  rows = -(-(tokens * K + E * (b - 1)) // b) * b                     # sort_plan's R
+  experts = 6 * 3 * M * I * rows * layers
+  dense = 6 * (mx.active_params(c) - layers * K * 3 * M * I) * tokens
+  attn = 12 * m.num_layers * c.data.seq_len * m.hidden_size * tokens
+  hand = dense + experts + attn + 2 * M * m.vocab_size * tokens
+  assert 1.0 <= flops / hand <= 1.08, flops / hand
+  assert experts > 0.25 * hand         # a large share here: without them the ratio is < 0.75
+
+
 def test_parse_mesh():
   assert parse_mesh("fsdp=4,expert=2") == {"fsdp": 4, "expert": 2}
   with pytest.raises(ValueError, match="axis=size"):

@@ -20,6 +20,9 @@ Kernels for the grouped matmul (`KERNELS`; moe.kernel=auto picks one per backend
   ragged  jax.lax.ragged_dot over the sorted rows               TPU         unmeasured (native there)
   gmm     Pallas megablox gmm (its custom VJP uses tgmm), one   never       TPU: unmeasured; lowers
           row tile per block                                                to the Mosaic kernel
+  einsum  blocks without the loop: one batched einsum over    never       only lowered: the plan
+          per-block gathered weights (never compiled at real                counts FLOPs with it
+          sizes; not a config choice)                                       (training/memory_plan.py)
 
 ragged_dot is not the GPU default: XLA's GPU compiler expands it into a dense dot over every
 expert (E/k x the FLOPs) unless XLA_FLAGS has --xla_gpu_experimental_use_ragged_dot_fusion=true,
@@ -149,6 +152,8 @@ def grouped_swiglu(x_rows, plan: Plan, wg, wu, wd, kernel: str, interpret: bool 
   `interpret`: run gmm in Pallas interpret mode (off TPU)."""
   if kernel == "blocks":
     return _blocks_swiglu(x_rows, plan.block_expert, plan.num_blocks, wg, wu, wd, plan.block)
+  if kernel == "einsum":
+    return _einsum_swiglu(x_rows, plan.block_expert, wg, wu, wd, plan.block)
   # Rows are padded per expert to the plan's block; ragged_dot and gmm want each group
   # contiguous, so give them the padded sizes (padding rows are zero and never read back).
   sizes = -(-plan.group_sizes // plan.block) * plan.block
@@ -168,6 +173,17 @@ def grouped_swiglu(x_rows, plan: Plan, wg, wu, wd, kernel: str, interpret: bool 
   else:
     raise ValueError(f"unknown dropless kernel {kernel!r}; choose one of {KERNELS}")
   return dot(jax.nn.silu(dot(x_rows, wg)) * dot(x_rows, wu), wd)
+
+
+def _einsum_swiglu(x, block_expert, wg, wu, wd, b):
+  """`blocks` without its loop, for counting FLOPs (XLA counts a loop body once): every block of
+  the plan (the unused ones are zero rows) times its expert's weights, gathered per block to
+  [R / b, M, I]. The same numbers as `blocks`, but R / b copies of expert matrices (GBs at 7B):
+  only lowered by the plan (training/memory_plan.py), never compiled at real sizes."""
+  w = lambda a: jnp.take(a, block_expert, axis=0)
+  xb = x.reshape(-1, b, x.shape[-1])
+  h = jax.nn.silu(jnp.einsum("nbm,nmi->nbi", xb, w(wg))) * jnp.einsum("nbm,nmi->nbi", xb, w(wu))
+  return jnp.einsum("nbi,nim->nbm", h, w(wd)).reshape(x.shape)
 
 
 def _block(a, i, b):
