@@ -33,22 +33,13 @@ import numpy as np  # noqa: E402
 from apollo_jax import config as cfg  # noqa: E402
 from apollo_jax.model import attention, dropless  # noqa: E402
 from apollo_jax.training import metrics  # noqa: E402
+from benchmarks.moe_block import timeit as best_time  # noqa: E402
 
 RAGGED_FUSION = dropless.RAGGED_FUSION_FLAG + "=true"
 FULL = dict(tokens=16384, hidden=896, inter=4864, experts=7, top_k=2, batch=4, seq=4096,
             heads=14, kv_heads=2, head_dim=64, parity_tokens=4096, parity_seq=1024)
 QUICK = dict(tokens=512, hidden=32, inter=64, experts=7, top_k=2, batch=1, seq=256,
              heads=4, kv_heads=2, head_dim=32, parity_tokens=512, parity_seq=256)
-
-
-def best_time(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))                        # compile + warm up
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t)
-  return best
 
 
 def rel_err(a, b):

@@ -32,13 +32,14 @@ blocked, splash and pallas_gpu need T == S, a multiple of TILE (`tiled`); other 
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as pallas_gpu
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+from apollo_jax.runtime import sharding
 
 KERNELS = ("xla", "blocked", "cudnn", "splash", "pallas_gpu")     # what `resolve` returns
 NATIVE = {"splash": ("tpu",), "pallas_gpu": ("gpu", "cuda")}      # Pallas kernels: where they compile
@@ -98,19 +99,12 @@ def attend(q, k, v, segment_ids, impl: str = "xla", interpret: bool = False, rem
 
 
 def per_device(kernel, q, k, v, segment_ids, mesh, batch_axes, head_axis):
-  """kernel(q, k, v, segment_ids) shard_map'ed over the rows (`batch_axes`) and, where they split
-  evenly, the kv heads (`head_axis`). GSPMD has no partitioning rule for a Pallas custom call: it
-  would gather every row and head onto each device. Attention is independent per row and per kv
-  head, so each device runs the kernel on its own rows and heads (mesh None: one device)."""
-  if mesh is None:
-    return kernel(q, k, v, segment_ids)
-  rows = math.prod(mesh.shape[a] for a in batch_axes)
-  if q.shape[0] % rows:        # e.g. the 1-row init: plain (replicated) call, same numbers
-    return kernel(q, k, v, segment_ids)
-  heads = head_axis if head_axis and q.shape[2] % mesh.shape[head_axis] == 0 else None
+  """kernel(q, k, v, segment_ids) on each device's rows (`batch_axes`) and, where they split
+  evenly, kv heads (`head_axis`). GSPMD has no partitioning rule for a Pallas custom call: it
+  would gather every row and head onto each device; attention is independent per row and kv head."""
+  heads = head_axis if mesh is not None and head_axis and q.shape[2] % mesh.shape[head_axis] == 0 else None
   qkv, seg = jax.P(batch_axes, None, heads), jax.P(batch_axes)
-  return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv,
-                       check_vma=False)(q, k, v, segment_ids)
+  return sharding.per_device(kernel, mesh, batch_axes, (qkv, qkv, qkv, seg), qkv)(q, k, v, segment_ids)
 
 
 def _masked(q, k, v, mask):

@@ -17,7 +17,6 @@ slots per expert and group, M model (hidden) size, H expert hidden (intermediate
 slots, N tokens. Padding tokens (segment id 0) are not routed.
 """
 
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 from apollo_jax import config as cfg
 from apollo_jax.model import dropless, layers, routing
 from apollo_jax.model.config import ModelConfig
+from apollo_jax.runtime import sharding
 
 def group_shape(B: int, S: int, group_size: int):
   """(G, g): the largest g <= group_size such that g divides S, or g is a multiple of S that
@@ -120,14 +120,9 @@ def dropless_moe(x, idx, weights, valid, wg, wu, wd, kernel: str, interpret: boo
                          interpret=interpret)
     return y.reshape(B, S, M)
 
-  shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in batch_axes)
-  if mesh is None or x.shape[0] % shards:
-    # One device, or rows that do not split over the batch axes (e.g. the 1-row init): plain
-    # jit; GSPMD keeps it exact (one global sort), just not device-local.
-    return local(x, idx, weights, valid, wg, wu, wd)
   tok, rep = jax.P(batch_axes), jax.P()
-  return jax.shard_map(local, mesh=mesh, in_specs=(tok,) * 4 + (rep,) * 3, out_specs=tok,
-                       check_vma=False)(x, idx, weights, valid, wg, wu, wd)
+  return sharding.per_device(local, mesh, batch_axes, (tok,) * 4 + (rep,) * 3, tok)(
+      x, idx, weights, valid, wg, wu, wd)
 
 
 class MoEBlock(nn.Module):

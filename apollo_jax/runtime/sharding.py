@@ -7,6 +7,7 @@ their `embed` dimension, MLP/attention heads/vocab on `tensor`, experts on `expe
 """
 
 import contextlib
+import math
 
 import flax.linen as nn
 import jax
@@ -83,6 +84,17 @@ def check_divisible(abstract_params, shardings):
         raise ValueError(f"parameter {jax.tree_util.keystr(path)} {x.shape}: dimension {dim} is not "
                          f"divisible by mesh axes {axes} of size {n}; change config.mesh")
   jax.tree_util.tree_map_with_path(check, abstract_params, shardings)
+
+
+def per_device(fn, mesh, batch_axes, in_specs, out_specs):
+  """`fn` shard_map'ed over `mesh` (an AbstractMesh), its first argument's rows split over
+  `batch_axes`; plain `fn` with no mesh, or when those rows do not split over the batch axes (e.g.
+  the 1-row init: GSPMD keeps it exact, just not device-local)."""
+  def call(*args):
+    if mesh is None or args[0].shape[0] % math.prod(mesh.shape[a] for a in batch_axes):
+      return fn(*args)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+  return call
 
 
 @contextlib.contextmanager
