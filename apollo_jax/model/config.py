@@ -11,6 +11,8 @@ global state. What the run's settings decide is resolved here, in one place:
                    runs in interpret mode); from_config(config, backend="tpu") on a CPU machine
                    gives the real TPU kernel, to lower for TPU
   attention_remat  whether blocked recomputes its tiles in the backward (off CPU)
+  scan_unroll      whether each nn.scan over dense layers is fully unrolled (on CPU): the same
+                   stacked 'layers' params (checkpoints move between backends), no while loop
   moe.layers       the MoE decoder-layer indices parsed from moe.layers
   moe.padded_experts  num_experts rounded up to the expert padding (moe.expert_multiple, or the
                    mesh's expert axis): the parameter shapes, so fixed when the model is built
@@ -73,6 +75,7 @@ class ModelConfig:
   attention_interpret: bool          # Pallas interpret mode (the kernel is not native on the backend)
   attention_remat: bool              # blocked: recompute each tile in the backward
   moe: MoEConfig
+  scan_unroll: bool = False          # unroll the scanned dense layers (params stay stacked)
   mesh: jax.sharding.AbstractMesh | None = None
   batch_axes: tuple = ()             # the mesh axes the batch rows are sharded over
   head_axis: str | None = None       # the mesh axis the (kv) heads are sharded over
@@ -102,6 +105,14 @@ def from_config(config, mesh=None, backend: str | None = None) -> ModelConfig:
       rope_theta=m.rope_theta, rms_norm_eps=m.rms_norm_eps, tie_embeddings=m.tie_embeddings,
       init_std=m.init_std, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers,
       attention=kernel, attention_interpret=attention.interprets(kernel, backend),
-      attention_remat=attention.remats(kernel, backend), moe=moe,
+      attention_remat=attention.remats(kernel, backend), moe=moe, scan_unroll=scan_unrolls(backend),
       mesh=None if abstract is None or abstract.empty or abstract.size == 1 else abstract,
       batch_axes=tuple(sharding.BATCH_AXES), head_axis=dict(sharding.RULES)["act_kv"])
+
+
+def scan_unrolls(backend: str) -> bool:
+  """Whether the scanned dense layers are unrolled: on CPU. There the while loop copies every
+  layer's residuals into (and its weights and gradients out of) stacked buffers: unrolled, a
+  train step of benchmarks/vs_torch.py's shape takes ~10% less CPU time; off CPU the loop keeps
+  compiles fast."""
+  return backend == "cpu"

@@ -122,7 +122,8 @@ class Transformer(nn.Module):
       if p["stacked"]:
         body = nn.scan(_remat(DecoderLayer, m.remat, True), variable_axes={"params": 0, "cache": 0},
                        split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
-                       length=p["count"], metadata_params={nn.PARTITION_NAME: "layers"})
+                       length=p["count"], unroll=p["count"] if m.scan_unroll else 1,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = body(self.config, scanned=True, cache_len=cache_len, name=p["name"])(x, segment_ids, positions)
       else:
         moe = p["kind"] == "moe"
