@@ -13,10 +13,10 @@ R rows of the sorted buffer, M model size, I expert hidden size, b rows per bloc
 Kernels for the grouped matmul (`KERNELS`; moe.kernel=auto picks one per backend: `resolve_kernel`):
 
   kernel  what                                                  default on  measured
-  blocks  a loop over the used blocks of b rows, each one       CPU, GPU    CPU: fastest, ~the FLOPs
-          [b, M] x [M, I] matmul with its expert's weights; a               of the k experts + the
-          custom VJP accumulates each expert's weight gradient              block padding (< E*b
-          in place (no [E, ...] temporary per block)                        rows). GPU: unmeasured
+  blocks  a loop over the experts, and in it over the expert's  CPU, GPU    CPU: fastest, ~the FLOPs
+          blocks of b rows, each one [b, M] x [M, I] matmul;                of the k experts + the
+          a custom VJP accumulates the expert's weight                      block padding (< E*b
+          gradient in the inner loop's carry                                rows). GPU: unmeasured
   ragged  jax.lax.ragged_dot over the sorted rows               TPU         unmeasured (native there)
   gmm     Pallas megablox gmm (its custom VJP uses tgmm), one   never       TPU: unmeasured; lowers
           row tile per block                                                to the Mosaic kernel
@@ -151,7 +151,9 @@ def grouped_swiglu(x_rows, plan: Plan, wg, wu, wd, kernel: str, interpret: bool 
   """down(silu(gate(x)) * up(x)) of each row with its expert's weights [E, M, I] / [E, I, M].
   `interpret`: run gmm in Pallas interpret mode (off TPU)."""
   if kernel == "blocks":
-    return _blocks_swiglu(x_rows, plan.block_expert, plan.num_blocks, wg, wu, wd, plan.block)
+    blocks = -(-plan.group_sizes // plan.block)
+    first_block = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(blocks).astype(jnp.int32)])
+    return _blocks_swiglu(x_rows, first_block, wg, wu, wd, plan.block)
   if kernel == "einsum":
     return _einsum_swiglu(x_rows, plan.block_expert, wg, wu, wd, plan.block)
   # Rows are padded per expert to the plan's block; ragged_dot and gmm want each group
@@ -190,48 +192,77 @@ def _block(a, i, b):
   return jax.lax.dynamic_slice_in_dim(a, i * b, b, axis=0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _blocks_swiglu(x, block_expert, num_blocks, wg, wu, wd, b):
-  return _blocks_fwd(x, block_expert, num_blocks, wg, wu, wd, b)[0]
+def _expert(w, e):
+  return jax.lax.dynamic_index_in_dim(w, e, axis=0, keepdims=False)
 
 
-def _blocks_fwd(x, block_expert, num_blocks, wg, wu, wd, b):
+def _dot(a, b, contract):
+  """a . b contracting dims `contract` = (dim of a, dim of b): transposed operands are read as
+  they lie, never copied into a transposed buffer first."""
+  return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())))
+
+
+def _each_expert(first_block, body, carry):
+  """fori over the experts e: body(e, lo, hi, carry) loops over e's blocks [lo, hi). Each body
+  slices its expert's weights once, not once per block: every slice of an [E, M, I] array is a
+  copy, and per block those copies cost more than the matmuls on CPU."""
+  return jax.lax.fori_loop(0, first_block.shape[0] - 1,
+                           lambda e, c: body(e, first_block[e], first_block[e + 1], c), carry)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _blocks_swiglu(x, first_block, wg, wu, wd, b):
+  return _blocks_fwd(x, first_block, wg, wu, wd, b)[0]
+
+
+def _blocks_fwd(x, first_block, wg, wu, wd, b):
   R, I = x.shape[0], wg.shape[-1]
 
-  def body(i, carry):
-    y, g, u = carry
-    e, xb = block_expert[i], _block(x, i, b)
-    gb, ub = xb @ wg[e], xb @ wu[e]
-    yb = (jax.nn.silu(gb) * ub) @ wd[e]
-    put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, i * b, axis=0)
-    return put(y, yb), put(g, gb), put(u, ub)
+  def expert(e, lo, hi, carry):
+    g_w, u_w, d_w = _expert(wg, e), _expert(wu, e), _expert(wd, e)
+
+    def block(i, carry):
+      y, g, u = carry
+      xb = _block(x, i, b)
+      gb, ub = xb @ g_w, xb @ u_w
+      yb = (jax.nn.silu(gb) * ub) @ d_w
+      put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, i * b, axis=0)
+      return put(y, yb), put(g, gb), put(u, ub)
+    return jax.lax.fori_loop(lo, hi, block, carry)
 
   zeros = lambda n: jnp.zeros((R, n), x.dtype)
-  y, g, u = jax.lax.fori_loop(0, num_blocks, body, (zeros(x.shape[1]), zeros(I), zeros(I)))
-  return y, (x, block_expert, num_blocks, wg, wu, wd, g, u)
+  y, g, u = _each_expert(first_block, expert, (zeros(x.shape[1]), zeros(I), zeros(I)))
+  return y, (x, first_block, wg, wu, wd, g, u)
 
 
 def _blocks_bwd(b, res, dy):
-  x, block_expert, num_blocks, wg, wu, wd, g, u = res
+  x, first_block, wg, wu, wd, g, u = res
   f32 = lambda w: jnp.zeros(w.shape, jnp.float32)
 
-  def body(i, carry):
+  def expert(e, lo, hi, carry):
     dx, dwg, dwu, dwd = carry
-    e, xb, dyb, gb, ub = block_expert[i], _block(x, i, b), _block(dy, i, b), _block(g, i, b), _block(u, i, b)
-    sg = jax.nn.sigmoid(gb)
-    act = gb * sg
-    dh = dyb @ wd[e].T
-    dg = dh * ub * (sg * (1 + gb * (1 - sg)))          # d silu(g) / dg = s (1 + g (1 - s))
-    du = dh * act
-    dxb = dg @ wg[e].T + du @ wu[e].T
-    def acc(dw, v):   # dw[e] += v as slice + update-slice: in place in the loop (no scatter)
-      cur = jax.lax.dynamic_index_in_dim(dw, e, axis=0, keepdims=False)
-      return jax.lax.dynamic_update_index_in_dim(dw, cur + v.astype(jnp.float32), e, axis=0)
-    return (jax.lax.dynamic_update_slice_in_dim(dx, dxb, i * b, axis=0),
-            acc(dwg, xb.T @ dg), acc(dwu, xb.T @ du), acc(dwd, (act * ub).T @ dyb))
+    g_w, u_w, d_w = _expert(wg, e), _expert(wu, e), _expert(wd, e)
 
-  dx, dwg, dwu, dwd = jax.lax.fori_loop(0, num_blocks, body, (jnp.zeros_like(x), f32(wg), f32(wu), f32(wd)))
-  return (dx, None, None, dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype))
+    def block(i, carry):   # this expert's weight gradients accumulate in the loop carry
+      dx, dg_w, du_w, dd_w = carry
+      xb, dyb, gb, ub = _block(x, i, b), _block(dy, i, b), _block(g, i, b), _block(u, i, b)
+      sg = jax.nn.sigmoid(gb)
+      act = gb * sg
+      dh = _dot(dyb, d_w, (1, 1))                        # dy @ wd[e]^T
+      dgb = dh * ub * (sg * (1 + gb * (1 - sg)))         # d silu(g) / dg = s (1 + g (1 - s))
+      dub = dh * act
+      dxb = _dot(dgb, g_w, (1, 1)) + _dot(dub, u_w, (1, 1))
+      acc = lambda w, a, c: w + _dot(a, c, (0, 0)).astype(jnp.float32)      # w += a^T @ c
+      return (jax.lax.dynamic_update_slice_in_dim(dx, dxb, i * b, axis=0),
+              acc(dg_w, xb, dgb), acc(du_w, xb, dub), acc(dd_w, act * ub, dyb))
+
+    dx, dg_w, du_w, dd_w = jax.lax.fori_loop(
+        lo, hi, block, (dx, f32(g_w), f32(u_w), f32(d_w)))
+    put = lambda w, v: jax.lax.dynamic_update_index_in_dim(w, v, e, axis=0)
+    return dx, put(dwg, dg_w), put(dwu, du_w), put(dwd, dd_w)
+
+  dx, dwg, dwu, dwd = _each_expert(first_block, expert, (jnp.zeros_like(x), f32(wg), f32(wu), f32(wd)))
+  return (dx, None, dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype))
 
 
 _blocks_swiglu.defvjp(_blocks_fwd, _blocks_bwd)
