@@ -3,7 +3,8 @@
 `moe.impl` (config.py):
   dropless  (default) every top-k assignment is computed, exactly as the original's loop over
             experts: assignments sorted by expert and run through a grouped matmul
-            (model/dropless.py, kernel moe.kernel, auto: per backend). No capacity, no drops.
+            (model/dropless.py, kernel moe.kernel, auto: per backend), over a mesh's expert axis
+            by moe.dispatch (model/expert_parallel.py). No capacity, no drops.
   capacity  GShard-style: tokens [B, S_row] are flattened and split into G groups of S tokens
             (`group_shape`); groups may span rows, so one group mixes languages. Per group every
             assignment gets a slot in its expert's buffer of C slots (routing.capacity_positions:
