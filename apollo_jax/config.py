@@ -19,6 +19,7 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn", "splash", "pallas_gpu")
 MOE_IMPLS = ("dropless", "capacity")
 MOE_KERNELS = ("auto", "blocks", "ragged", "gmm")
+MOE_DISPATCHES = ("auto", "gather_weights", "gather_tokens", "ragged_a2a")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -59,6 +60,14 @@ def base_config() -> ml_collections.ConfigDict:
   # enables XLA's ragged-dot fusion. gmm = Pallas megablox: native on TPU, interpreted elsewhere
   # (slow: meant for tests).
   e.kernel = "auto"
+  # Dropless dispatch over the mesh's expert axis (model/expert_parallel.py): auto |
+  # gather_weights | gather_tokens | ragged_a2a. gather_weights: every device all-gathers every
+  # expert's weights and computes its own tokens (the expert axis is data parallelism);
+  # gather_tokens (ring of experts) and ragged_a2a keep each device's weights, gradients and Adam
+  # state to its E / mesh.expert experts and move the tokens (ragged_a2a: TPU/GPU only). auto =
+  # gather_tokens on every backend when mesh.expert > 1; with mesh.expert = 1 every choice is
+  # gather_weights (nothing to move).
+  e.dispatch = "auto"
   e.layers = "last:2"                # "last:N" | "all" | "none" (dense) | "3,7" explicit list
   e.num_experts = 7                  # real experts; language routing needs the map's size
   e.expert_map = "family7"           # family7 | major12 | lang50 (languages.EXPERT_MAPS)
@@ -351,6 +360,11 @@ def validate(config, num_devices: int | None = None):
   need(e.routing in ROUTING_MODES, f"moe.routing={e.routing!r}; choose one of {ROUTING_MODES}")
   need(e.impl in MOE_IMPLS, f"moe.impl={e.impl!r}; choose one of {MOE_IMPLS}")
   need(e.kernel in MOE_KERNELS, f"moe.kernel={e.kernel!r}; choose one of {MOE_KERNELS}")
+  dispatch = e.get("dispatch", "auto")
+  need(dispatch in MOE_DISPATCHES, f"moe.dispatch={dispatch!r}; choose one of {MOE_DISPATCHES}")
+  need(dispatch == "auto" or e.impl == "dropless",
+       f"moe.dispatch={dispatch!r} applies to moe.impl='dropless' only (capacity dispatches by "
+       "GSPMD's all-to-all of its [E, G, C, M] buffers); set moe.dispatch=auto")
   need(m.attention in ATTENTION_IMPLS, f"model.attention={m.attention!r}; choose one of {ATTENTION_IMPLS}")
   need(m.attention != "cudnn" or config.data.packing == "causal",
        "model.attention='cudnn' takes no segment ids, so it cannot keep packed samples apart; use "

@@ -8,6 +8,8 @@ Sections (each kernel only where it runs: Pallas kernels natively, cudnn on GPU)
              inputs (attention: the masked softmax; MoE: every expert on every token, masked to
              the routed ones). Its error must be <= 2x the error of the plain bfloat16 reference
              (xla attention / the loop-over-experts MoE in bf16) + one bf16 ulp of the scale.
+             With 2 or more devices, also each expert-parallel dispatch (gather_tokens, and
+             ragged_a2a off CPU) over all devices as one expert axis, by the same rule.
   moe        forward + backward of the dropless expert FFN per kernel (blocks; ragged without
              and, in a subprocess, with XLA's ragged-dot fusion flag; gmm on TPU) against a dense
              SwiGLU FFN on the same tokens (the MoE does top_k x its FLOPs at best).
@@ -176,6 +178,34 @@ def moe_parity(s, backend, quick):
           for k in moe_kernels(backend, quick)}
 
 
+def dispatch_parity(s, backend):
+  """model/moe.py dropless_moe with every device on one expert axis, per dispatch (module
+  docstring); {} on one device. The experts are padded to a multiple of the devices."""
+  from jax.sharding import AxisType
+  from apollo_jax.model import moe
+  from apollo_jax.runtime import sharding
+  n = jax.device_count()
+  if n < 2:
+    return {}
+  s = dict(s, experts=-(-s["experts"] // n) * n)
+  inputs = moe_inputs(s, s["parity_tokens"], jnp.bfloat16)
+  f32 = tuple(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in inputs)
+  ref, base = moe_grad_fn(loop_moe)(*f32), moe_grad_fn(loop_moe)(*inputs)
+  mesh = jax.make_mesh((1, 1, n, 1), cfg.MESH_AXES, axis_types=(AxisType.Auto,) * 4)
+
+  def ffn(dispatch):
+    def f(*a):                    # [N, ...] -> n rows of N / n tokens, one per device
+      rows = [t.reshape(n, t.shape[0] // n, *t.shape[1:]) for t in a[:4]]
+      y = moe.dropless_moe(*rows, *a[4:], "blocks", mesh=mesh.abstract_mesh,
+                           batch_axes=sharding.BATCH_AXES, dispatch=dispatch)
+      return y.reshape(a[0].shape[0], -1)
+    return f
+
+  with jax.set_mesh(mesh):
+    return {d: verdict(moe_grad_fn(ffn(d))(*inputs), base, ref)
+            for d in ["gather_tokens"] + (["ragged_a2a"] if backend != "cpu" else [])}
+
+
 def dense_ffn(x, idx, weights, valid, wg, wu, wd):
   """One SwiGLU FFN of expert 0's shape on every token: what a dense layer costs."""
   del idx, weights, valid
@@ -230,7 +260,7 @@ def train_step(quick, repeats):
 # ------------------------------------------------------------------ report
 def table(r):
   lines = [f"accelerator check on {r['device']} ({r['backend']}), jax {r['jax']}, {r['shapes']}"]
-  for section in ("attention", "moe"):
+  for section in ("attention", "moe", "dispatch"):
     for name, v in r["parity"][section].items():
       errs = " ".join(f"{e:.2e}<={b:.2e}" for e, b in zip(v["errors"], v["bounds"]))
       lines.append(f"  parity {section:9s} {name:11s} {'ok  ' if v['ok'] else 'FAIL'} {errs}")
@@ -261,7 +291,8 @@ def main():
   r = {"device": jax.devices()[0].device_kind, "backend": backend, "jax": jax.__version__,
        "shapes": {k: s[k] for k in ("tokens", "hidden", "inter", "experts", "top_k", "seq", "heads",
                                     "kv_heads", "head_dim")}}
-  r["parity"] = {"attention": attention_parity(s, backend, a.quick), "moe": moe_parity(s, backend, a.quick)}
+  r["parity"] = {"attention": attention_parity(s, backend, a.quick), "moe": moe_parity(s, backend, a.quick),
+                 "dispatch": dispatch_parity(s, backend)}
   r["moe"] = moe_times(s, backend, a.quick, a.repeats)
   r["moe"]["ragged_fused"] = ragged_fused_time(a)
   r["attention"] = attention_times(s, backend, a.quick, a.repeats)

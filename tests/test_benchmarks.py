@@ -15,6 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("train_step.py", ["--hidden=32", "--inter=64", "--layers=3", "--seq=32", "--batch=2",
                        "--vocab=128", "--group=32", "--rounds=1"],
      ["dense", "post_moe", "post_moe_cf1.25", "all_moe"]),
+    ("expert_parallel.py", ["--tokens=512", "--seq=64", "--hidden=32", "--inter=64", "--repeats=1",
+                            "--rounds=1"], ["gather_weights", "gather_tokens", "all-gather"]),
     ("vs_torch.py", ["--quick"], ["HF transformers Qwen2MoeForCausalLM", "apollo_jax / torch",
                                   "MoE layer / dense FFN"]),
 ])

@@ -64,7 +64,7 @@ def test_params_sharded_on_the_mesh(workdir):
   assert dict(lm.mesh.shape) == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
   experts = lm.params["layers_2"]["mlp"]["experts"]["gate_proj"]
   assert experts.sharding.spec[0] == "expert" and len(experts.sharding.device_set) == 8
-  assert "fsdp" in lm.params["embed_tokens"]["embedding"].sharding.spec
+  assert ("fsdp", "expert") in lm.params["embed_tokens"]["embedding"].sharding.spec   # FSDP over both
   # 8-device sharding reorders the f32 reductions of the 4 layers (d_model 64, d_ff 128); logits ~9
   assert_close(lm.logits(IDS), ref, dtype=np.float32, terms=network_terms(4, 64, 128))
   default = inference.load(workdir)           # config.mesh (fsdp=-1) over all 8 devices

@@ -80,3 +80,16 @@ def test_opt_in_gpu_kernel_and_the_square_buffer_check():
   assert any("triton" in c for c in custom_calls(text)), custom_calls(text)
   assert square_buffers(text, 256) == []
   assert square_buffers(lowered_text(tiny_config(attention="xla"), "gpu"), 256)
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_ragged_a2a_dispatch_lowers(backend):
+  """moe.dispatch=ragged_a2a on an expert axis of 2: the train step lowers with the real
+  ragged_all_to_all (there and back, forward and backward), each device holding its experts."""
+  c = tiny_config()
+  c.mesh.update(fsdp=2, expert=2)
+  c.moe.expert_multiple, c.moe.dispatch = 0, "ragged_a2a"
+  text = lowered_text(c, backend)
+  assert text.count("ragged_all_to_all") >= 4, custom_calls(text)
+  local = 8 // 2                                   # 8 padded experts over expert=2
+  assert re.search(rf"tensor<{local}x{c.model.hidden_size}x{c.model.intermediate_size}x", text)

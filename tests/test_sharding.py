@@ -2,7 +2,8 @@
 
 Includes expert axes 2, 4 and 8: the 7 family experts are padded to 8 (never routed to), the
 expert weights are sharded over `expert`. Both MoE implementations: dropless (the default;
-shard_map over the batch axes) on every mesh, capacity (dispatched activations sharded over
+shard_map over the batch axes; moe.dispatch=auto: gather_tokens, the expert-parallel dispatch,
+on the meshes with an expert axis, gather_weights on fsdp=8) on every mesh, capacity (dispatched activations sharded over
 `expert`, tight capacity so some assignments are dropped) on the 2x2x2x1 mesh.
 """
 
@@ -150,14 +151,15 @@ def test_partition_specs_of_the_released_shape():
   abstract, specs = param_specs(config, sharding.make_mesh(config), (1, 8))
   got = {jax.tree_util.keystr(p, simple=True, separator="/"): s.spec
          for p, s in jax.tree_util.tree_flatten_with_path(specs)[0]}
+  fsdp = ("fsdp", "expert")          # outside the experts, the expert axis is more FSDP
   want = {
-      "embed_tokens/embedding": P("tensor", "fsdp"),
-      "layers_0/self_attn/q_proj/kernel": P(None, "fsdp", "tensor"),     # 22 stacked dense layers
+      "embed_tokens/embedding": P("tensor", fsdp),
+      "layers_0/self_attn/q_proj/kernel": P(None, fsdp, "tensor"),       # 22 stacked dense layers
       "layers_0/self_attn/q_proj/bias": P(None, "tensor"),
-      "layers_0/self_attn/o_proj/kernel": P(None, "tensor", "fsdp"),
-      "layers_0/mlp/down_proj/kernel": P(None, "tensor", "fsdp"),
+      "layers_0/self_attn/o_proj/kernel": P(None, "tensor", fsdp),
+      "layers_0/mlp/down_proj/kernel": P(None, "tensor", fsdp),
       "layers_0/input_layernorm/scale": P(None, None),
-      "layers_22/mlp/gate/kernel": P("fsdp", None),
+      "layers_22/mlp/gate/kernel": P(fsdp, None),
       "layers_22/mlp/experts/gate_proj": P("expert", "fsdp", "tensor"),
       "layers_23/mlp/experts/down_proj": P("expert", "tensor", "fsdp"),
       "norm/scale": P(None),

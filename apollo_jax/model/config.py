@@ -19,6 +19,8 @@ global state. What the run's settings decide is resolved here, in one place:
   moe.family_of_language  the expert of each of the 50 languages under moe.expert_map
   moe.kernel       the dropless grouped-matmul kernel of moe.kernel on this backend
   moe.interpret    the gmm kernel runs in Pallas interpret mode: the backend is not tpu
+  moe.dispatch     the dropless dispatch of moe.dispatch on this backend and the mesh's expert
+                   axis (model/expert_parallel.py: gather_weights without an expert axis)
   mesh, batch_axes, head_axis  the abstract mesh, its batch axes and the kv-head axis that the
                    dropless MoE and the Pallas attention kernels shard_map over (mesh None: one
                    device, or plain GSPMD)
@@ -30,7 +32,7 @@ import jax
 
 from apollo_jax import config as cfg
 from apollo_jax import languages
-from apollo_jax.model import attention, dropless
+from apollo_jax.model import attention, dropless, expert_parallel
 from apollo_jax.runtime import sharding
 
 
@@ -48,6 +50,7 @@ class MoEConfig:
   impl: str = "dropless"             # dropless | capacity
   kernel: str = "blocks"             # dropless grouped matmul: blocks | ragged | gmm
   interpret: bool = False            # gmm only: Pallas interpret mode (resolved for a non-TPU backend)
+  dispatch: str = "gather_weights"   # dropless over the expert axis: gather_weights | gather_tokens | ragged_a2a
   capacity_factor: float = 1.0       # capacity impl only, train / eval
   eval_capacity_factor: float = 2.0
   min_capacity: int = 4
@@ -88,12 +91,16 @@ def from_config(config, mesh=None, backend: str | None = None) -> ModelConfig:
   m, e = config.model, config.moe
   backend = backend or jax.default_backend()
   abstract = getattr(mesh, "abstract_mesh", mesh)
+  mesh = None if abstract is None or abstract.empty or abstract.size == 1 else abstract
+  expert_axis = dict(mesh.shape).get(sharding.EXPERT_AXIS, 1) if mesh is not None else 1
   moe = MoEConfig(
       layers=tuple(cfg.moe_layer_indices(e.layers, m.num_layers)), num_experts=e.num_experts,
       padded_experts=cfg.padded_num_experts(config), top_k=e.top_k, routing=e.routing,
       family_of_language=tuple(int(x) for x in languages.expert_map(e.expert_map)),
       norm_topk_prob=e.norm_topk_prob, shared_expert=e.shared_expert, router_init_std=e.router_init_std,
       impl=e.impl, kernel=dropless.resolve_kernel(e.kernel, backend), interpret=backend != "tpu",
+      dispatch=expert_parallel.resolve_dispatch(e.get("dispatch", "auto"), backend, expert_axis,
+                                                cfg.padded_num_experts(config)),
       capacity_factor=e.capacity_factor,
       eval_capacity_factor=e.eval_capacity_factor, min_capacity=e.min_capacity,
       group_size=e.group_size, analysis=e.analysis)
@@ -106,7 +113,7 @@ def from_config(config, mesh=None, backend: str | None = None) -> ModelConfig:
       init_std=m.init_std, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers,
       attention=kernel, attention_interpret=attention.interprets(kernel, backend),
       attention_remat=attention.remats(kernel, backend), moe=moe, scan_unroll=scan_unrolls(backend),
-      mesh=None if abstract is None or abstract.empty or abstract.size == 1 else abstract,
+      mesh=mesh,
       batch_axes=tuple(sharding.BATCH_AXES), head_axis=dict(sharding.RULES)["act_kv"])
 
 

@@ -3,7 +3,8 @@
 `moe.impl` (config.py):
   dropless  (default) every top-k assignment is computed, exactly as the original's loop over
             experts: assignments sorted by expert and run through a grouped matmul
-            (model/dropless.py, kernel moe.kernel, auto: per backend). No capacity, no drops.
+            (model/dropless.py, kernel moe.kernel, auto: per backend), over a mesh's expert axis
+            by moe.dispatch (model/expert_parallel.py). No capacity, no drops.
   capacity  GShard-style: tokens [B, S_row] are flattened and split into G groups of S tokens
             (`group_shape`); groups may span rows, so one group mixes languages. Per group every
             assignment gets a slot in its expert's buffer of C slots (routing.capacity_positions:
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from apollo_jax import config as cfg
-from apollo_jax.model import dropless, layers, routing
+from apollo_jax.model import dropless, expert_parallel, layers, routing
 from apollo_jax.model.config import ModelConfig
 from apollo_jax.runtime import sharding
 
@@ -73,9 +74,9 @@ class Experts(nn.Module):
     # compute dtype (bf16), not the float32 master weight (as the embedding and head).
     w = lambda name, shape, names: nn.with_logical_constraint(self.param(name, nn.with_logical_partitioning(
         _expert_init(self.init_std, self.num_real), names), shape, jnp.float32).astype(self.dtype), names)
-    return compute(w("gate_proj", (E, M, I), ("exp", "embed", "mlp")),
-                   w("up_proj", (E, M, I), ("exp", "embed", "mlp")),
-                   w("down_proj", (E, I, M), ("exp", "mlp", "embed")))
+    return compute(w("gate_proj", (E, M, I), ("exp", "embed_moe", "mlp")),
+                   w("up_proj", (E, M, I), ("exp", "embed_moe", "mlp")),
+                   w("down_proj", (E, I, M), ("exp", "mlp", "embed_moe")))
 
 
 def capacity_experts(x_EGCM, wg, wu, wd):
@@ -105,24 +106,34 @@ def capacity_moe(x_GSM, idx, weights, keep, pos, C, experts):
 
 
 def dropless_moe(x, idx, weights, valid, wg, wu, wd, kernel: str, interpret: bool = False,
-                 mesh=None, batch_axes=()):
+                 mesh=None, batch_axes=(), dispatch: str = "gather_weights"):
   """Dropless experts on x [B, S, M] with idx/weights/valid [B, S, K] -> float32 [B, S, M].
 
-  Under a multi-device `mesh` (an AbstractMesh; None: plain jit): shard_map over `batch_axes` over the batch axes; each device sorts and computes its
-  own tokens with every expert's weights all-gathered (like an FSDP weight; the expert axis acts
-  as data parallelism here). Exact and simple; an all-to-all expert-parallel dispatch would
-  move tokens instead of weights and is the next step for large E (not needed at E=7 in 2 layers).
+  Under a multi-device `mesh` (an AbstractMesh; None: plain jit) it runs per device under
+  shard_map over `batch_axes`, each device with its own rows, by `dispatch`
+  (model/expert_parallel.py): gather_weights computes them with every expert's weights
+  all-gathered (the expert axis acts as data parallelism); gather_tokens and ragged_a2a keep
+  each device's weights to its expert shard [E / ep, M, I] and move the tokens instead, so the
+  weights' gradients stay sharded over the expert axis too.
   """
-  def local(x, idx, weights, valid, wg, wu, wd):
-    B, S, M = x.shape
-    flat = lambda a: a.reshape(B * S, *a.shape[2:])
-    y = dropless.moe_ffn(flat(x), flat(idx), flat(weights), flat(valid), wg, wu, wd, kernel,
-                         interpret=interpret)
-    return y.reshape(B, S, M)
+  def rows(fn):
+    def local(x, idx, weights, valid, *w):
+      B, S, M = x.shape
+      flat = lambda a: a.reshape(B * S, *a.shape[2:])
+      return fn(flat(x), flat(idx), flat(weights), flat(valid), *w).reshape(B, S, M)
+    return local
 
-  tok, rep = jax.P(batch_axes), jax.P()
-  return sharding.per_device(local, mesh, batch_axes, (tok,) * 4 + (rep,) * 3, tok)(
-      x, idx, weights, valid, wg, wu, wd)
+  every_expert = rows(lambda *a: dropless.moe_ffn(*a, kernel, interpret=interpret))
+  tok = jax.P(batch_axes)
+  if dispatch == "gather_weights":
+    return sharding.per_device(every_expert, mesh, batch_axes, (tok,) * 4 + (jax.P(),) * 3, tok)(
+        x, idx, weights, valid, wg, wu, wd)
+  ffn = {"gather_tokens": expert_parallel.gather_tokens_ffn,
+         "ragged_a2a": expert_parallel.ragged_a2a_ffn}[dispatch]
+  axis = sharding.EXPERT_AXIS
+  local_experts = rows(lambda *a: ffn(*a, kernel, axis, interpret=interpret))
+  return sharding.per_device(local_experts, mesh, batch_axes, (tok,) * 4 + (jax.P(axis),) * 3, tok,
+                             fallback=every_expert)(x, idx, weights, valid, wg, wu, wd)
 
 
 class MoEBlock(nn.Module):
@@ -159,7 +170,7 @@ class MoEBlock(nn.Module):
     if dropless_:
       keep = valid
       y = experts(M, lambda wg, wu, wd: dropless_moe(x_GSM, idx, weights, valid, wg, wu, wd, e.kernel,
-                                                     e.interpret, m.mesh, m.batch_axes))
+                                                     e.interpret, m.mesh, m.batch_axes, e.dispatch))
     else:
       cf = e.capacity_factor if train else e.eval_capacity_factor
       C = cfg.capacity(S, E_real, K, cf, e.min_capacity)

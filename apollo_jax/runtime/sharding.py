@@ -2,8 +2,9 @@
 
 Mesh axes ('data', 'fsdp', 'expert', 'tensor'), all AxisType.Auto (flax linen's logical
 constraints do not work on Explicit axes). The batch is split over data*fsdp*expert: outside
-the MoE layers the expert axis is just more data parallelism. Parameters are FSDP-sharded on
-their `embed` dimension, MLP/attention heads/vocab on `tensor`, experts on `expert`.
+the MoE layers the expert axis is just more data parallelism, so parameters are FSDP-sharded on
+their `embed` dimension over fsdp*expert (expert weights, already split over `expert` by expert,
+over fsdp only: `embed_moe`), MLP/attention heads/vocab on `tensor`.
 """
 
 import contextlib
@@ -17,16 +18,18 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from apollo_jax import config as cfg
 
 BATCH_AXES = ("data", "fsdp", "expert")
+EXPERT_AXIS = "expert"
 
 # logical axis -> mesh axes. Parameters use the plain names, activations the act_* names.
 RULES = (
     ("batch", BATCH_AXES),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", EXPERT_AXIS)),
+    ("embed_moe", "fsdp"),
     ("heads", "tensor"),
     ("kv", "tensor"),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
-    ("exp", "expert"),
+    ("exp", EXPERT_AXIS),
     ("layers", None),
     ("norm", None),
     ("act_batch", BATCH_AXES),
@@ -86,13 +89,13 @@ def check_divisible(abstract_params, shardings):
   jax.tree_util.tree_map_with_path(check, abstract_params, shardings)
 
 
-def per_device(fn, mesh, batch_axes, in_specs, out_specs):
+def per_device(fn, mesh, batch_axes, in_specs, out_specs, fallback=None):
   """`fn` shard_map'ed over `mesh` (an AbstractMesh), its first argument's rows split over
-  `batch_axes`; plain `fn` with no mesh, or when those rows do not split over the batch axes (e.g.
-  the 1-row init: GSPMD keeps it exact, just not device-local)."""
+  `batch_axes`; plain `fallback` (default `fn`) with no mesh, or when those rows do not split
+  over the batch axes (e.g. the 1-row init: GSPMD keeps it exact, just not device-local)."""
   def call(*args):
     if mesh is None or args[0].shape[0] % math.prod(mesh.shape[a] for a in batch_axes):
-      return fn(*args)
+      return (fallback or fn)(*args)
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
   return call
 

@@ -21,8 +21,10 @@ DEFAULT_BUDGET_GB = 80.0
 # math with O(TILE x S) attention memory per head (blocked, tiles recomputed in the backward as
 # off CPU) and the grouped matmul over the same sorted rows (blocks; ragged_dot off its native
 # TPU would expand to a dense dot over every expert).
+# The ragged_all_to_all dispatch (not implemented on XLA:CPU) becomes the ring of experts: the same
+# weights and gradients per device, the same static worst-case receive rows.
 STAND_IN = {"splash": "blocked", "pallas_gpu": "blocked", "cudnn": "blocked", "ragged": "blocks",
-            "gmm": "blocks"}
+            "gmm": "blocks", "ragged_a2a": "gather_tokens"}
 TARGETS = ("cpu", "gpu", "tpu")
 
 
@@ -67,15 +69,17 @@ def target_model(config, mesh, target: str | None = None):
   here = jax.default_backend()
   mc = model_config.from_config(config, mesh, target or here)
   if (target or here) == here:
-    return mc, f"attention {mc.attention}, MoE {mc.moe.kernel}"
+    return mc, f"attention {mc.attention}, MoE {mc.moe.kernel}, dispatch {mc.moe.dispatch}"
   sub = lambda k: STAND_IN.get(k, k)
   swapped = sub(mc.attention) != mc.attention
   compiled = dataclasses.replace(mc, attention=sub(mc.attention), attention_interpret=False,
                                  attention_remat=mc.attention_remat or swapped,
-                                 moe=dataclasses.replace(mc.moe, kernel=sub(mc.moe.kernel), interpret=False))
+                                 moe=dataclasses.replace(mc.moe, kernel=sub(mc.moe.kernel), interpret=False,
+                                                         dispatch=sub(mc.moe.dispatch)))
   say = lambda a, b: a if a == b else f"{a} (compiled here as {b})"
   return compiled, (f"{target}: attention {say(mc.attention, compiled.attention)}, "
-                    f"MoE {say(mc.moe.kernel, compiled.moe.kernel)}")
+                    f"MoE {say(mc.moe.kernel, compiled.moe.kernel)}, "
+                    f"dispatch {say(mc.moe.dispatch, compiled.moe.dispatch)}")
 
 
 def lower_train_step(config, mesh, model=None, platform: str | None = None):
