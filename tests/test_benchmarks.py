@@ -46,3 +46,15 @@ def test_accelerator_check_quick_passes_its_parity_checks(tmp_path):
   assert {"dense_ffn", "blocks", "ragged", "ragged_fused"} <= set(r["moe"])
   assert all(isinstance(t, float) for t in r["moe"].values()), r["moe"]
   assert r["train"]["tokens_per_s"] > 0 and "FAIL" not in out.stdout
+
+
+def test_llama_cpp_check_skips_cleanly_without_llama_cpp():
+  """Where llama-cpp-python is absent (CI) the check says so and succeeds; where it is installed
+  it is run by hand (docs/hf.md#gguf)."""
+  pytest.importorskip("gguf")
+  import importlib.util
+  if importlib.util.find_spec("llama_cpp") is not None:
+    pytest.skip("llama_cpp is installed here: run benchmarks/llama_cpp_check.py itself")
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "llama_cpp_check.py")], cwd=ROOT,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and out.stdout.startswith("SKIP: llama_cpp is not importable"), out.stdout + out.stderr

@@ -2,9 +2,13 @@
 
 Post-MoE -> `Qwen2MoeForCausalLM` (`mlp_only_layers` = the dense layers, `num_experts` = the real
 experts: padded experts are dropped, `moe_intermediate_size = intermediate_size`, no shared
-expert: `shared_expert_intermediate_size=0` plus the zero-size shared-expert tensors and a zero
-`shared_expert_gate`, which transformers and vLLM build unconditionally); dense ->
-`Qwen2ForCausalLM`. Weights are named by hf/names.py, the table hf/load.py imports through
+expert: `shared_expert_intermediate_size=0` and a zero `shared_expert_gate`); dense ->
+`Qwen2ForCausalLM`.
+
+The two HF-format clients disagree on a model without a shared expert (CLIENTS): transformers
+builds zero-size shared-expert modules and reports their tensors MISSING when absent; vLLM builds
+no such module and refuses a checkpoint that has them. Both build `shared_expert_gate`, so the
+zero gate is always written. Either file set computes the same logits in transformers. Weights are named by hf/names.py, the table hf/load.py imports through
 (per-expert keys, torch [out, in] layout), so `convert_from_hf` of an export gives back identical
 params. Tied embeddings store no lm_head, as HF does.
 
@@ -30,6 +34,13 @@ from apollo_jax.model.size import count_params
 from apollo_jax.hf.safetensors import write_safetensors
 
 DTYPES = ("bfloat16", "float32")
+# client -> whether the zero-size shared-expert tensors are written (see the module docstring).
+CLIENTS = {"transformers": True, "vllm": False}
+CLIENT_HELP = ("transformers: also write the zero-size shared_expert.{gate,up,down}_proj tensors that "
+               "transformers builds for shared_expert_intermediate_size=0 (a clean load report; vLLM "
+               "refuses them: it builds no shared expert then). vllm: leave them out (vLLM loads it; "
+               "transformers still does, with the same logits, but reports those tensors missing). "
+               "Dense models: the same files either way.")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -84,9 +95,15 @@ def hf_config(config, dtype, token_ids) -> dict:
   return out
 
 
-def state_dict(params, config) -> dict:
+def check_client(client):
+  if client not in CLIENTS:
+    raise ValueError(f"client={client!r}; choose one of {', '.join(CLIENTS)} ({CLIENT_HELP})")
+
+
+def state_dict(params, config, client="transformers") -> dict:
   """Our params -> {HF name: float32 numpy} in torch layout, in checkpoint order (hf/names.py);
-  padded experts are dropped."""
+  padded experts are dropped. `client` (CLIENTS) decides the zero-size shared-expert tensors."""
+  check_client(client)
   top, layers = hf_load.split_layers(
       jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params), config)
   out = {}
@@ -99,7 +116,8 @@ def state_dict(params, config) -> dict:
   if not config.moe.shared_expert:
     for i in moe_layers(config):
       out.update({k: np.zeros(shape, np.float32)
-                  for k, shape in hf_names.empty_shared_expert(i, config.model.hidden_size).items()})
+                  for k, shape in hf_names.empty_shared_expert(i, config.model.hidden_size).items()
+                  if CLIENTS[client] or k.endswith("shared_expert_gate.weight")})
   return out
 
 
@@ -137,12 +155,13 @@ def _json(path, obj):
     json.dump(obj, f, indent=2, ensure_ascii=False)
 
 
-def export(lm, out_dir, dtype="bfloat16", max_shard_size="5GB", force_topk=False):
-  """Write the HF dir for `lm` (an inference.LM). Returns the list of files written."""
+def export(lm, out_dir, dtype="bfloat16", max_shard_size="5GB", force_topk=False, client="transformers"):
+  """Write the HF dir for `lm` (an inference.LM) for `client` (CLIENTS). Returns the files written."""
   config = lm.config
   check_exportable(config, force_topk)
+  check_client(client)
   os.makedirs(out_dir, exist_ok=True)
-  files = write_weights(state_dict(lm.params, config), out_dir, dtype, max_shard_size)
+  files = write_weights(state_dict(lm.params, config, client), out_dir, dtype, max_shard_size)
   token_ids = {}
   if lm.tokenizer is not None:
     token_ids = tokenizer_export.write_tokenizer(lm.tokenizer, out_dir, config.model.max_position_embeddings)

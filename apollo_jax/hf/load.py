@@ -116,7 +116,8 @@ def _normalise(state, config) -> dict:
         state.update({p + "gate_proj.weight": gu[j, :half], p + "up_proj.weight": gu[j, half:],
                       p + "down_proj.weight": d[j]})
     empty = hf_names.empty_shared_expert(i, config.model.hidden_size)
-    if not config.moe.shared_expert and all(np.size(state.get(k, 0)) == 0
+    # absent (vLLM's file set) counts as empty, like the zero-size tensors of transformers' set
+    if not config.moe.shared_expert and all(np.size(state.get(k, ())) == 0
                                             for k in empty if ".shared_expert." in k):
       for k in empty:
         state.pop(k, None)

@@ -63,8 +63,8 @@ def names(config) -> list:
 
 def empty_shared_expert(i, hidden) -> dict:
   """{name: shape} of the placeholders Qwen2-MoE stores for a layer without a shared expert
-  (shared_expert_intermediate_size=0): transformers and vLLM build these modules unconditionally,
-  and an empty matmul plus a zero gate add exactly 0."""
+  (shared_expert_intermediate_size=0): transformers builds these modules unconditionally, vLLM
+  only the gate (hf/export.py, CLIENTS); an empty matmul plus a zero gate add exactly 0."""
   p = f"model.layers.{i}.mlp."
   return {p + "shared_expert.gate_proj.weight": (0, hidden), p + "shared_expert.up_proj.weight": (0, hidden),
           p + "shared_expert.down_proj.weight": (hidden, 0), p + "shared_expert_gate.weight": (1, hidden)}
