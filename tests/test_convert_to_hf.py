@@ -193,3 +193,15 @@ def test_errors(case, trained, tmp_path):
 def test_force_topk_exports_language_routing(trained):
   lm, _ = trained
   hf_export.check_exportable(hf_config.apply_overrides(lm.config, {"moe.routing": "language"}), force_topk=True)
+
+
+def test_model_card_front_matter_is_the_same_to_a_yaml_1_1_reader():
+  yaml = pytest.importorskip("yaml")                # PyYAML's safe_load is YAML 1.1
+  card = hf_export.model_card(lf.randomized("hybrid8"), "float32")
+  assert card.startswith("---\n")
+  front = yaml.safe_load(card.split("---\n")[1])
+  assert front == hf_export.FRONT_MATTER
+  assert all(isinstance(c, str) for c in front["language"]) and "no" in set(front["language"])
+  # the rule itself on the values YAML 1.1 would reinterpret
+  tricky = {"a": ["no", "on", "yes", "off", "y", "n", "true", "null", "~", "1e3", "0x1F", "12:30", ""]}
+  assert yaml.safe_load("\n".join(hf_export.front_matter(tricky))) == tricky

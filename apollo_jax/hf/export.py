@@ -174,6 +174,18 @@ def export(lm, out_dir, dtype="bfloat16", max_shard_size="5GB", force_topk=False
   return files + ["config.json", "generation_config.json", "README.md"]
 
 
+FRONT_MATTER = {"library_name": "transformers", "pipeline_tag": "text-generation",
+                "tags": ["medical", "multilingual", "mixture-of-experts", "apollo-moe", "apollo_jax"],
+                "language": list(languages.CODES)}
+
+
+def front_matter(meta=None) -> list:
+  """The model card's YAML lines, every value written as JSON (double-quoted strings, a valid YAML
+  flow value): a bare `no` (Norwegian) is False to YAML 1.1 readers (the Hub's, gguf's), `on`/`yes`
+  True, `1e3` a number."""
+  return [f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in (meta or FRONT_MATTER).items()]
+
+
 def model_card(lm, dtype, force_topk=False) -> str:
   """README.md: architecture, MoE layers, routing, parameter counts, training, languages."""
   c = lm.config
@@ -181,10 +193,7 @@ def model_card(lm, dtype, force_topk=False) -> str:
   moe = moe_layers(c)
   counts = count_params(c)
   arch = "Qwen2MoeForCausalLM" if moe else "Qwen2ForCausalLM"
-  lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
-           "tags: [medical, multilingual, mixture-of-experts, apollo-moe, apollo_jax]",
-           # Quoted: YAML 1.1 reads a bare `no` (Norwegian) as False, `on`/`yes` as True.
-           f"language: {json.dumps(list(languages.CODES))}", "---", "",
+  lines = ["---", *front_matter(), "---", "",
            "# Apollo-MoE (exported by apollo_jax)", "",
            "A Qwen2 decoder " + (f"with Post-MoE layers (mixture of language-family experts in layers "
                                  f"{list(moe)})" if moe else "(dense)") +
